@@ -1,0 +1,432 @@
+"""Native PyTorch Llama-family decoder (Llama 2/3.x, Mistral, TinyLlama, SmolLM, Qwen2/2.5).
+
+Parameter names follow Hugging Face so a checkpoint's safetensors map 1:1 onto
+`Transformer.state_dict()`. Numerics follow transformers' reference (RMSNorm in fp32,
+rotate-half RoPE with fp32 angles) so logits agree to ~1e-6 in fp32.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ARCHITECTURE_NAMES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# transformers' config-class defaults for fields a config.json may leave out
+DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_dim: int
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # None for plain RoPE, else {"rope_type": "linear"|"dynamic"|"llama3", "factor": ..., ...}
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    max_position_embeddings: int = 2048
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None
+    # keys of config.json we do not interpret, written back unchanged by to_hf_config
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"num_attention_heads ({self.n_heads}) is not a multiple of num_key_value_heads ({self.n_kv_heads})")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+    @classmethod
+    def from_hf_config(cls, config: dict, source: str = "config.json") -> "ModelArgs":
+        """Reads a transformers config dict (v4 `rope_scaling` or v5 `rope_parameters` spelling)."""
+
+        def fail(message: str):
+            raise ValueError(f"{source}: {message}")
+
+        if not isinstance(config, dict):
+            fail("expected a JSON object")
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            fail(f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+        def required_int(key: str) -> int:
+            value = config.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(f"field {key!r} must be a positive integer, got {value!r}")
+            return value
+
+        dim = required_int("hidden_size")
+        n_heads = required_int("num_attention_heads")
+        n_kv_heads = config.get("num_key_value_heads") or n_heads
+        head_dim = config.get("head_dim") or dim // n_heads
+        for key, value in (("num_key_value_heads", n_kv_heads), ("head_dim", head_dim)):
+            if not isinstance(value, int) or value <= 0:
+                fail(f"field {key!r} must be a positive integer, got {value!r}")
+        activation = config.get("hidden_act", "silu")
+        if activation != "silu":
+            fail(f"hidden_act {activation!r} is not supported (only 'silu')")
+
+        rope_theta, rope_scaling = _read_rope_settings(config, fail)
+        max_positions = config.get("max_position_embeddings", DEFAULT_MAX_POSITIONS[model_type])
+        if rope_scaling is not None:
+            if not isinstance(rope_scaling.get("factor"), (int, float)):
+                fail(f"rope {rope_scaling['rope_type']!r} needs a numeric 'factor'")
+            if rope_scaling["rope_type"] == "llama3":
+                rope_scaling.setdefault("original_max_position_embeddings", max_positions)
+                for key in ("low_freq_factor", "high_freq_factor"):
+                    if not isinstance(rope_scaling.get(key), (int, float)):
+                        fail(f"rope 'llama3' needs a numeric {key!r}")
+
+        if model_type == "qwen2":
+            if config.get("use_sliding_window"):
+                fail("Qwen2 with use_sliding_window=true is not supported")
+            sliding_window = None
+            qkv_bias, o_bias, mlp_bias = True, False, False
+        else:
+            sliding_window = config.get("sliding_window") if model_type == "mistral" else None
+            qkv_bias = o_bias = bool(config.get("attention_bias", False))
+            mlp_bias = bool(config.get("mlp_bias", False))
+
+        interpreted = {
+            "model_type", "architectures", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "hidden_act", "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings", "vocab_size",
+            "num_hidden_layers", "intermediate_size", "rms_norm_eps", "tie_word_embeddings", "attention_bias",
+            "mlp_bias", "sliding_window", "use_sliding_window", "bos_token_id", "eos_token_id", "pad_token_id",
+            "torch_dtype", "dtype", "partial_rotary_factor",
+        }
+        try:
+            return cls(
+                vocab_size=required_int("vocab_size"),
+                dim=dim,
+                n_layers=required_int("num_hidden_layers"),
+                n_heads=n_heads,
+                n_kv_heads=n_kv_heads,
+                head_dim=head_dim,
+                hidden_dim=required_int("intermediate_size"),
+                norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                rope_theta=rope_theta,
+                rope_scaling=rope_scaling,
+                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                qkv_bias=qkv_bias,
+                o_bias=o_bias,
+                mlp_bias=mlp_bias,
+                sliding_window=sliding_window,
+                max_position_embeddings=max_positions,
+                model_type=model_type,
+                bos_token_id=config.get("bos_token_id"),
+                eos_token_id=config.get("eos_token_id"),
+                pad_token_id=config.get("pad_token_id"),
+                torch_dtype=config.get("dtype") or config.get("torch_dtype"),
+                extra={k: v for k, v in config.items() if k not in interpreted and not k.startswith("_")},
+            )
+        except (TypeError, ValueError) as error:
+            fail(str(error))
+
+    def to_hf_config(self) -> dict:
+        """A config.json dict readable by transformers 4.45+ and 5 (legacy rope_theta/rope_scaling keys)."""
+        config = dict(self.extra)
+        config.update(
+            architectures=[ARCHITECTURE_NAMES[self.model_type]],
+            model_type=self.model_type,
+            vocab_size=self.vocab_size,
+            hidden_size=self.dim,
+            intermediate_size=self.hidden_dim,
+            num_hidden_layers=self.n_layers,
+            num_attention_heads=self.n_heads,
+            num_key_value_heads=self.n_kv_heads,
+            head_dim=self.head_dim,
+            hidden_act="silu",
+            rms_norm_eps=self.norm_eps,
+            rope_theta=self.rope_theta,
+            rope_scaling=dict(self.rope_scaling) if self.rope_scaling else None,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+        )
+        if self.model_type == "qwen2":
+            config.update(use_sliding_window=False, sliding_window=None)
+        else:
+            config.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+            if self.qkv_bias != self.o_bias:
+                raise ValueError(f"{self.model_type} cannot express q/k/v bias without o_proj bias; use model_type 'qwen2'")
+        if self.model_type == "mistral":
+            config["sliding_window"] = self.sliding_window
+        if self.torch_dtype:
+            config["torch_dtype"] = self.torch_dtype
+        return config
+
+
+def _read_rope_settings(config: dict, fail) -> tuple[float, dict | None]:
+    parameters = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if not isinstance(parameters, dict):
+        fail(f"rope settings must be an object, got {parameters!r}")
+    parameters = dict(parameters)
+    rope_theta = parameters.pop("rope_theta", None) or config.get("rope_theta", 10000.0)
+    if not isinstance(rope_theta, (int, float)) or rope_theta <= 0:
+        fail(f"field 'rope_theta' must be a positive number, got {rope_theta!r}")
+    if config.get("partial_rotary_factor", parameters.get("partial_rotary_factor", 1.0)) != 1.0:
+        fail("partial_rotary_factor != 1 is not supported")
+    parameters.pop("partial_rotary_factor", None)
+    rope_type = parameters.pop("rope_type", None) or parameters.pop("type", None) or "default"
+    parameters.pop("type", None)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        fail(f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if rope_type == "default":
+        return float(rope_theta), None
+    return float(rope_theta), {"rope_type": rope_type, **parameters}
+
+
+def rope_inverse_frequencies(args: ModelArgs, seq_len: int) -> torch.Tensor:
+    """Per-pair rotation speeds (fp32, cpu) as transformers computes them for this rope type.
+
+    seq_len only matters for "dynamic" (NTK) scaling, which stretches the base once the
+    sequence outgrows max_position_embeddings.
+    """
+    dim = args.head_dim
+    scaling = args.rope_scaling or {"rope_type": "default"}
+    rope_type = scaling["rope_type"]
+    base = args.rope_theta
+    if rope_type == "dynamic" and seq_len > args.max_position_embeddings:
+        factor = scaling["factor"]
+        stretch = factor * seq_len / args.max_position_embeddings - (factor - 1)
+        base = base * stretch ** (dim / (dim - 2))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    inv_freq = 1.0 / (base**exponents)
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        inv_freq = _llama3_scaled(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1 scaling: slow rotations divided by factor, fast kept, a smooth ramp between."""
+    factor = scaling["factor"]
+    low_freq_factor = scaling["low_freq_factor"]
+    high_freq_factor = scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context_len / low_freq_factor, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_context_len / high_freq_factor) * ~(wavelen > old_context_len / low_freq_factor)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 even for bf16 activations, then scale in the activation dtype (as transformers does)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Static per-layer key/value cache of shape [batch, kv_heads, max_seq_len, head_dim]."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        gqa = self.n_heads != self.n_kv_heads
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderStack(nn.Module):
+    """The `model.` prefix of HF parameter names."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = DecoderStack(args)
+        # with tied embeddings the output projection reuses embed_tokens.weight and has no
+        # state-dict entry of its own, matching HF files that omit lm_head.weight
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        # explicit cpu so the buffer is real even when the model is built under torch.device("meta")
+        self.register_buffer("inv_freq", rope_inverse_frequencies(args, 0), persistent=False)
+        self.cache_len = 0
+        if self.model.norm.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02):
+        """transformers-style init for training from scratch: N(0, std) weights, zero biases, unit norms."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None):
+        """Allocates a static KV cache for `max_seq_len` slots (size it to the request, not the model)."""
+        reference = self.model.norm.weight
+        dtype = dtype or reference.dtype
+        device = device or reference.device
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = KVCache(
+                batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, dtype, device
+            )
+        self.cache_len = max_seq_len
+        self.inv_freq = rope_inverse_frequencies(self.args, max_seq_len).to(device)
+
+    def clear_cache(self):
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+        self.cache_len = 0
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        left_pad: torch.Tensor | None = None,
+        last_logits_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_logits_only).
+
+        input_pos: cache slots of the T tokens; None runs without the cache (autograd-friendly).
+        left_pad: per-row count of padding tokens at the left of the batch; those slots are
+        masked out and RoPE positions start at 0 at each row's first real token.
+        """
+        batch, length = tokens.shape
+        device = tokens.device
+        use_cache = input_pos is not None
+        if use_cache and self.cache_len == 0:
+            raise RuntimeError("input_pos given but no KV cache: call setup_cache(batch_size, max_seq_len) first")
+        slots = input_pos if use_cache else torch.arange(length, device=device)
+        positions = slots.unsqueeze(0)
+        if left_pad is not None:
+            positions = (positions - left_pad.unsqueeze(1)).clamp_min(0)
+        inv_freq = self.inv_freq
+        if not use_cache and self.args.rope_scaling and self.args.rope_scaling["rope_type"] == "dynamic":
+            inv_freq = rope_inverse_frequencies(self.args, int(positions.max()) + 1)
+        angles = positions.unsqueeze(-1).float() * inv_freq.to(device)
+        angles = torch.cat((angles, angles), dim=-1)
+        x = self.model.embed_tokens(tokens)
+        cos = angles.cos().to(x.dtype).unsqueeze(1)
+        sin = angles.sin().to(x.dtype).unsqueeze(1)
+        key_len = self.cache_len if use_cache else length
+        mask = self._attention_mask(slots, key_len, left_pad, use_cache)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, input_pos)
+        if last_logits_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        if self.lm_head is None:
+            return F.linear(x, self.model.embed_tokens.weight)
+        return self.lm_head(x)
+
+    def _attention_mask(self, slots, key_len, left_pad, use_cache):
+        """Boolean [B|1, 1, T, key_len] mask, or None when plain causal attention suffices."""
+        window = self.args.sliding_window
+        if not use_cache and left_pad is None and (window is None or key_len <= window):
+            return None
+        keys = torch.arange(key_len, device=slots.device)
+        allowed = keys.unsqueeze(0) <= slots.unsqueeze(1)
+        if window is not None:
+            allowed = allowed & (keys.unsqueeze(0) > slots.unsqueeze(1) - window)
+        allowed = allowed.unsqueeze(0)
+        if left_pad is not None:
+            allowed = allowed & (keys.view(1, 1, -1) >= left_pad.view(-1, 1, 1))
+            # padding queries see only themselves, so no row is fully masked (which would give NaN)
+            allowed = allowed | (keys.unsqueeze(0) == slots.unsqueeze(1)).unsqueeze(0)
+        return allowed.unsqueeze(1)
