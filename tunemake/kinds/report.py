@@ -1,0 +1,204 @@
+"""kind = "report": several eval targets (say bf16, int8, int4) side by side.
+
+For each eval: its metrics and their change against the baseline eval, the checkpoint's
+weight size and quantization scheme (from the eval's checkpoint.json), and decode speed
+from the generate targets in `samples` that used the same model. Reads only its inputs;
+imports nothing heavy. Outputs report.md, report.json and report.svg (bars drawn by hand).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from html import escape
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+INPUTS = ("evals", "samples")
+PACKAGES = ("python",)
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    evals: list[str] = Field(min_length=1, description="eval targets (or their output folders)")
+    baseline: str | None = Field(default=None, description="one of evals; default the first")
+    samples: list[str] = Field(default_factory=list, description="generate targets giving decode speed per model")
+    title: str = "Evaluation report"
+
+
+def validate(params: Params, project_dir) -> None:
+    if params.baseline is not None and params.baseline not in params.evals:
+        raise ValueError(f"baseline: {params.baseline!r} is not one of evals {params.evals}")
+    if len(set(params.evals)) != len(params.evals):
+        raise ValueError("evals: an eval is listed twice")
+
+
+def summary(out_dir) -> str:
+    return (Path(out_dir) / "report.md").read_text(encoding="utf-8")
+
+
+def run(params: Params, ctx) -> None:
+    labels = {Path(path).resolve(): name for name, path in ctx.deps.items()}
+    project_dir = Path(ctx.project_dir)
+
+    def label(path: str) -> str:
+        resolved = (project_dir / path).resolve()
+        return labels.get(resolved) or str(path)
+
+    rows = [read_eval(Path(project_dir / path), label(path)) for path in params.evals]
+    if params.baseline is None:
+        baseline = rows[0]
+    else:
+        # params.evals arrive as paths; baseline is still the name the tunefile gave
+        wanted = Path(ctx.deps[params.baseline]) if params.baseline in ctx.deps else project_dir / params.baseline
+        matches = [row for path, row in zip(params.evals, rows) if (project_dir / path).resolve() == wanted.resolve()]
+        if not matches:
+            raise ValueError(f"baseline: {params.baseline!r} is not one of evals")
+        baseline = matches[0]
+
+    by_model = {row["model"]: row for row in rows}
+    for path in params.samples:
+        speed = read_speed(project_dir / path)
+        row = by_model.get(speed["model"])
+        if row is None:
+            raise ValueError(
+                f"samples: {label(path)} ran model {speed['model']!r}, which none of the evals used "
+                f"({', '.join(sorted(by_model))})"
+            )
+        row["decode_tokens_per_s"] = speed["decode_tokens_per_s"]
+        row["time_to_first_token_s"] = speed["time_to_first_token_s"]
+        row["speed_from"] = label(path)
+
+    metrics = list(dict.fromkeys(key for row in rows for key in row["metrics"]))
+    for row in rows:
+        for key, entry in row["metrics"].items():
+            base = baseline["metrics"].get(key)
+            entry["delta"] = None if base is None else entry["value"] - base["value"]
+
+    out = Path(ctx.out)
+    report = {"title": params.title, "baseline": baseline["eval"], "metrics": metrics, "rows": rows}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report), encoding="utf-8")
+    (out / "report.svg").write_text(svg(report), encoding="utf-8")
+    print(markdown(report), flush=True)
+
+
+def read_eval(folder: Path, label: str) -> dict:
+    results_file, checkpoint_file = folder / "results.json", folder / "checkpoint.json"
+    if not results_file.is_file() or not checkpoint_file.is_file():
+        raise ValueError(f"evals: {label} is not an eval output (no results.json and checkpoint.json in {folder})")
+    results = json.loads(results_file.read_text())
+    checkpoint = json.loads(checkpoint_file.read_text())
+    metrics = {}
+    for task, values in results.get("results", {}).items():
+        for key, value in values.items():
+            if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):
+                continue
+            metric, filter_name = key.split(",", 1)
+            stderr = values.get(f"{metric}_stderr,{filter_name}")
+            name = f"{task} {metric}" + ("" if filter_name == "none" else f" ({filter_name})")
+            metrics[name] = {"value": value, "stderr": stderr if isinstance(stderr, (int, float)) else None}
+    return {
+        "eval": label,
+        "model": checkpoint["model"],
+        "quantization": (checkpoint.get("quantization") or {}).get("scheme"),
+        "weight_bytes": checkpoint["weight_bytes"],
+        "decode_tokens_per_s": None,
+        "time_to_first_token_s": None,
+        "speed_from": None,
+        "metrics": metrics,
+    }
+
+
+def read_speed(folder: Path) -> dict:
+    speed_file = folder / "speed.json"
+    if not speed_file.is_file():
+        raise ValueError(f"samples: {folder} is not a generate output (no speed.json)")
+    return json.loads(speed_file.read_text())
+
+
+def number(value, digits: int = 4, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def ratio(value, base) -> str:
+    return "–" if value is None or not base else f"{value / base:.2f}x"
+
+
+def markdown(report: dict) -> str:
+    rows = report["rows"]
+    base = next(row for row in rows if row["eval"] == report["baseline"])
+    lines = [
+        f"# {report['title']}",
+        "",
+        f"Baseline: {report['baseline']}. Changes are against it.",
+        "",
+        "| eval | model | quantization | weights (MB) | size | decode tokens/s | speed | first token (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        first_token = row["time_to_first_token_s"]
+        lines.append(
+            f"| {row['eval']} | {row['model']} | {row['quantization'] or 'none'} | {row['weight_bytes'] / 1e6:.1f} | "
+            f"{ratio(row['weight_bytes'], base['weight_bytes'])} | {number(row['decode_tokens_per_s'], 1)} | "
+            f"{ratio(row['decode_tokens_per_s'], base['decode_tokens_per_s'])} | "
+            f"{number(first_token * 1e3 if first_token is not None else None, 1)} |"
+        )
+    for metric in report["metrics"]:
+        lines += ["", f"## {metric}", "", "| eval | value | stderr | change |", "|---|---|---|---|"]
+        for row in rows:
+            entry = row["metrics"].get(metric)
+            if entry is None:
+                lines.append(f"| {row['eval']} | – | – | – |")
+                continue
+            lines.append(
+                f"| {row['eval']} | {number(entry['value'])} | {number(entry['stderr'])} | "
+                f"{number(entry['delta'], signed=True)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+# ---- plot -----------------------------------------------------------------------------------
+LABEL_WIDTH, BAR_WIDTH, VALUE_WIDTH, BAR_HEIGHT, GAP = 160, 360, 90, 16, 4
+BASELINE_COLOUR, OTHER_COLOUR = "#4c72b0", "#dd8452"
+
+
+def svg(report: dict) -> str:
+    """One panel of horizontal bars per metric, plus weight size and decode speed."""
+    rows = report["rows"]
+    panels = [(metric, [row["metrics"].get(metric, {}).get("value") for row in rows]) for metric in report["metrics"]]
+    panels.append(("weights (MB)", [row["weight_bytes"] / 1e6 for row in rows]))
+    if any(row["decode_tokens_per_s"] is not None for row in rows):
+        panels.append(("decode tokens/s", [row["decode_tokens_per_s"] for row in rows]))
+
+    width = LABEL_WIDTH + BAR_WIDTH + VALUE_WIDTH
+    parts, y = [], 28
+    parts.append(f'<text x="8" y="18" font-size="14" font-weight="bold">{escape(report["title"])}</text>')
+    for title, values in panels:
+        y += 18
+        parts.append(f'<text x="8" y="{y}" font-size="12" font-weight="bold">{escape(title)}</text>')
+        y += 6
+        largest = max((abs(v) for v in values if v is not None), default=0.0) or 1.0
+        for row, value in zip(rows, values):
+            colour = BASELINE_COLOUR if row["eval"] == report["baseline"] else OTHER_COLOUR
+            text_y = y + BAR_HEIGHT - 4
+            parts.append(f'<text x="8" y="{text_y}" font-size="11">{escape(row["eval"])}</text>')
+            if value is None:
+                parts.append(f'<text x="{LABEL_WIDTH}" y="{text_y}" font-size="11">n/a</text>')
+            else:
+                length = BAR_WIDTH * abs(value) / largest
+                parts.append(
+                    f'<rect x="{LABEL_WIDTH}" y="{y}" width="{length:.1f}" height="{BAR_HEIGHT}" fill="{colour}"/>'
+                )
+                parts.append(f'<text x="{LABEL_WIDTH + length + 4:.1f}" y="{text_y}" font-size="11">{value:.4g}</text>')
+            y += BAR_HEIGHT + GAP
+    height = y + 10
+    header = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif">'
+    )
+    background = f'<rect width="{width}" height="{height}" fill="white"/>'
+    return "\n".join([header, background, *parts, "</svg>"]) + "\n"
