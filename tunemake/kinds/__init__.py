@@ -18,7 +18,8 @@ A kind module defines:
   target nor an existing path is passed through unchanged (e.g. lm-eval task
   names mixed with local task files).
 - ``PACKAGES`` (optional): distributions whose versions belong in the key;
-  ``"python"`` stands for the interpreter's major.minor.
+  ``"python"`` stands for the interpreter's major.minor. A tuple, or a
+  function of params (the command kind lets users list them).
 - ``CODE`` (optional): extra modules or packages whose source goes into the key
   (the kind's own module always does).
 - ``DEVICE_SENSITIVE`` (optional, default False): the device class (cpu, or the
@@ -27,6 +28,8 @@ A kind module defines:
 - ``validate(params, project_dir)`` (optional): cheap checks run in the parent
   before anything is built; raise ``ValueError("field: message")``.
 - ``summary(out_dir)`` (optional): text that ``tunemake show`` prints.
+- ``code_files(params, project_dir)`` (optional): more source files for the key
+  that depend on params (the ``python`` kind hashes the user's module).
 
 Users add kinds without editing tunemake: ``kind = "python"`` with
 ``function = "pkg.module:fn"``, or a module registered under the
@@ -61,12 +64,16 @@ class Kind:
     params: type
     inputs: tuple[str, ...]
     optional_inputs: tuple[str, ...]
-    packages: tuple[str, ...]
+    packages: tuple[str, ...] | Callable[[Any], tuple[str, ...]]
     code: tuple[str, ...]
     device_sensitive: bool
     resources: Callable[[Any], dict]
     validate: Callable[[Any, Any], None] | None
     summary: Callable[[Any], str] | None
+    code_files: Callable[[Any, Path], list[str]] | None
+
+    def packages_for(self, params) -> tuple[str, ...]:
+        return tuple(self.packages(params)) if callable(self.packages) else self.packages
 
     def source_files(self) -> list[str]:
         """Files whose content is part of every key of this kind."""
@@ -77,6 +84,10 @@ class Kind:
 
 
 _cache: dict[str, Kind] = {}
+
+
+def _tuple_or_callable(value):
+    return value if callable(value) else tuple(value)
 
 
 def available() -> list[str]:
@@ -96,12 +107,13 @@ def get(name: str) -> Kind:
         params=module.Params,
         inputs=tuple(getattr(module, "INPUTS", ())),
         optional_inputs=tuple(getattr(module, "OPTIONAL_INPUTS", ())),
-        packages=tuple(getattr(module, "PACKAGES", ())),
+        packages=_tuple_or_callable(getattr(module, "PACKAGES", ())),
         code=tuple(getattr(module, "CODE", ())),
         device_sensitive=bool(getattr(module, "DEVICE_SENSITIVE", False)),
         resources=getattr(module, "resources", lambda params: {}),
         validate=getattr(module, "validate", None),
         summary=getattr(module, "summary", None),
+        code_files=getattr(module, "code_files", None),
     )
     _cache[name] = kind
     return kind

@@ -1,0 +1,5 @@
+import sys
+
+from tunemake.cli import main
+
+sys.exit(main())

@@ -1,0 +1,397 @@
+"""Decides what is stale, schedules steps, and records their results.
+
+For each target, dependencies first: compute its key from its components; if the
+target's materialized output already has that key it is up to date; else if the
+action cache has the key it is restored; else the step runs in a child process,
+and only after it succeeds are its outputs moved into the store and the action
+recorded (blobs first, then the action entry, each by atomic rename).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunemake import keys, run
+from tunemake.graph import closure, dependents
+from tunemake.hashing import StatCache, hash_file, tree_digest
+from tunemake.store import FileLock, Store, rmtree
+from tunemake.tunefile import Project
+
+POLL_SECONDS = 0.02
+
+
+@dataclass
+class Options:
+    jobs: int = 1
+    keep_going: bool = False
+    force: set[str] = field(default_factory=set)  # rebuild these even if cached
+    no_cache: bool = False  # rebuild every selected target
+    dry_run: bool = False
+
+
+@dataclass
+class Outcome:
+    """What a build did to each target: up to date, cached, done, failed, skipped."""
+
+    status: dict[str, str] = field(default_factory=dict)
+    reasons: dict[str, list[str]] = field(default_factory=dict)
+    failed_logs: dict[str, Path] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not any(s in ("failed", "skipped") for s in self.status.values())
+
+    def count(self, status: str) -> int:
+        return sum(1 for s in self.status.values() if s == status)
+
+
+class Engine:
+    def __init__(self, project: Project):
+        self.project = project
+        self.store = Store(project.cache_dir, project.link)
+        self.hasher = StatCache(project.cache_dir / "stat.json")
+
+    def close(self) -> None:
+        self.hasher.close()
+
+    # -- keys and state -------------------------------------------------------
+    def components(self, name: str, trees: dict[str, str]) -> dict:
+        return keys.components(self.project, self.project.targets[name], trees, self.hasher)
+
+    def check_current(self, name: str, key: str) -> str | None:
+        """'up to date' if targets/NAME holds this key's outputs untouched, else None.
+
+        A materialized file that changed under us is checked against its blob: with
+        hardlinks an in-place edit reaches the blob too, and a corrupt blob is dropped.
+        """
+        state = self.store.get_state(name)
+        if not state or state.get("key") != key:
+            return None
+        record = state.get("materialized", {})
+        changed = self.store.intact(record, self.project.output_dir(name))
+        if not changed:
+            return "up to date"
+        for rel in changed:
+            if record[rel][3] == "link":
+                digest = state["outputs"][rel]["digest"]
+                if not self.store.verify_blob(digest):
+                    self.store.drop_action(key)
+        return None
+
+    def restore(self, name: str, key: str, parts: dict, entry: dict) -> bool:
+        """Materialize a cached action into targets/NAME; False if a blob is missing."""
+        if not self.store.action_complete(entry):
+            self.store.drop_action(key)
+            return False
+        os.utime(self.store.action_path(key))  # last use, for `cache gc`'s LRU order
+        lock = FileLock(self.store.lock_path(f"target-{name}"))
+        lock.acquire()
+        try:
+            record = self.store.materialize(entry["outputs"], self.project.output_dir(name))
+            self.store.put_state(name, {
+                "key": key, "tree": entry["tree"], "components": parts, "outputs": entry["outputs"],
+                "materialized": record, "built": {k: entry.get(k) for k in
+                                                  ("started", "finished", "duration", "host", "log")},
+            })
+        finally:
+            lock.release()
+        return True
+
+    def finish(self, step: run.RunningStep, key: str, parts: dict) -> dict:
+        """Move a successful step's outputs into the store and record the action."""
+        manifest: dict[str, dict] = {}
+        files = []
+        for dirpath, dirnames, filenames in os.walk(step.out):
+            dirnames.sort()
+            for fn in sorted(filenames):
+                full = Path(dirpath) / fn
+                rel = full.relative_to(step.out).as_posix()
+                st = os.stat(full)
+                manifest[rel] = {"digest": hash_file(full), "size": st.st_size,
+                                 "x": bool(st.st_mode & 0o100)}
+                files.append((full, rel))
+        for full, rel in files:
+            self.store.ingest(full, manifest[rel]["digest"], manifest[rel]["x"])
+        log_digest = self.store.put_bytes(step.log.read_bytes())
+        finished = time.time()
+        entry = {
+            "target": step.target, "key": key, "kind": parts["kind"], "outputs": manifest,
+            "tree": tree_digest(manifest), "log": log_digest, "started": step.started,
+            "finished": finished, "duration": round(finished - step.started, 3),
+            "host": socket.gethostname(), "components": parts,
+        }
+        self.store.put_action(key, entry)
+        return entry
+
+    # -- assessment (status, dry run) -----------------------------------------
+    def assess(self, roots: list[str], force: set[str] = frozenset()) -> Outcome:
+        """What a build would do, without doing it."""
+        outcome = Outcome()
+        trees: dict[str, str] = {}
+        for name in closure(self.project, roots):
+            target = self.project.targets[name]
+            pending = [d for d in target.target_deps if d not in trees]
+            if pending:
+                outcome.status[name] = "stale"
+                outcome.reasons[name] = [f"dep {d} will be rebuilt" for d in pending]
+                continue
+            parts = self.components(name, trees)
+            key = keys.key_of(parts)
+            state = self.store.get_state(name)
+            if name in force:
+                outcome.status[name], outcome.reasons[name] = "stale", ["forced (-B)"]
+                continue
+            current = self.check_current(name, key)
+            if current:
+                outcome.status[name] = current
+                trees[name] = state["tree"]
+                continue
+            entry = self.store.get_action(key)
+            if entry is not None and self.store.action_complete(entry):
+                outcome.status[name] = "cached"
+                if state and state.get("key") == key:
+                    outcome.reasons[name] = ["outputs in targets/ were deleted or edited"]
+                else:
+                    outcome.reasons[name] = keys.explain(state and state.get("components"), parts)
+                trees[name] = entry["tree"]
+                continue
+            if state is None:
+                outcome.status[name], outcome.reasons[name] = "never built", []
+            else:
+                outcome.status[name] = "stale"
+                outcome.reasons[name] = keys.explain(state.get("components"), parts) or ["cache entry missing"]
+        return outcome
+
+    # -- building ---------------------------------------------------------------
+    def build(self, roots: list[str], options: Options, reporter) -> Outcome:
+        started = time.monotonic()
+        order = closure(self.project, roots)
+        if options.dry_run:
+            outcome = self.assess(roots, options.force)
+            outcome.seconds = time.monotonic() - started
+            return outcome
+
+        gc_lock = FileLock(self.store.lock_path("gc"))
+        if not gc_lock.try_acquire(shared=True):
+            reporter.message("waiting for `tunemake cache gc` to finish ...")
+            gc_lock.acquire(shared=True)
+        try:
+            self._clean_stale_tmp()
+            outcome = _Scheduler(self, order, options, reporter).run()
+        finally:
+            gc_lock.release()
+        outcome.seconds = time.monotonic() - started
+        return outcome
+
+    def _clean_stale_tmp(self) -> None:
+        """Remove working folders left by builds that were killed (their pid is gone)."""
+        for parent in (self.store.root / "tmp", self.project.targets_dir):
+            if not parent.is_dir():
+                continue
+            for entry in parent.iterdir():
+                if parent == self.project.targets_dir:
+                    if not entry.name.startswith(".") or "-" not in entry.name:
+                        continue
+                    pid_text = entry.name.rsplit("-", 2)[-2]
+                else:
+                    pid_text = entry.name.split("-", 1)[0]
+                if pid_text.isdigit() and not _alive(int(pid_text)):
+                    rmtree(entry)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Scheduler:
+    """One build's main loop: single-threaded, polling child processes."""
+
+    def __init__(self, engine: Engine, order: list[str], options: Options, reporter):
+        self.engine = engine
+        self.project = engine.project
+        self.order = order
+        self.options = options
+        self.reporter = reporter
+        self.outcome = Outcome()
+        self.trees: dict[str, str] = {}
+        self.state: dict[str, str] = {n: "pending" for n in order}
+        self.ready: list[tuple[str, str, dict]] = []  # (name, key, components) needing a run
+        self.running: dict[str, tuple[run.RunningStep, str, dict, FileLock]] = {}
+        self.announced_wait: set[str] = set()
+        self.all_gpus = keys.visible_gpus()
+        self.free_gpus = list(self.all_gpus)
+        self.stop_scheduling = False
+        self.dependents = dependents(self.project)
+
+    def run(self) -> Outcome:
+        self.reporter.start(self.order)
+        try:
+            while True:
+                self._decide_ready_targets()
+                self._start_steps()
+                self._poll_steps()
+                if not self.running and not self.ready and not self._decidable():
+                    break
+                if self.running or self.ready:
+                    self.reporter.tick()
+                    time.sleep(POLL_SECONDS)
+        except BaseException:
+            for step, _key, _parts, lock in self.running.values():
+                step.kill()
+                rmtree(step.tmp)
+                lock.release()
+            raise
+        finally:
+            self.reporter.stop()
+        for name, st in self.state.items():
+            if st == "pending":
+                self._set(name, "skipped", "a dependency failed")
+        return self.outcome
+
+    def _set(self, name: str, status: str, detail: str = "") -> None:
+        self.state[name] = status
+        if status not in ("running", "waiting"):
+            self.outcome.status[name] = status
+        self.reporter.update(name, status, detail)
+
+    def _decidable(self) -> list[str]:
+        if self.stop_scheduling:
+            return []
+        return [n for n in self.order if self.state[n] == "pending"
+                and all(self.state[d] in ("up to date", "cached", "done") for d in self.project.targets[n].target_deps)]
+
+    def _decide_ready_targets(self) -> None:
+        for name in self._decidable():
+            parts = self.engine.components(name, self.trees)
+            key = keys.key_of(parts)
+            forced = self.options.no_cache or name in self.options.force
+            if not forced and self._reuse(name, key, parts):
+                continue
+            self.state[name] = "queued"
+            self.ready.append((name, key, parts))
+            last = self.engine.store.get_state(name)
+            self.outcome.reasons[name] = (["forced"] if forced else
+                                          keys.explain(last and last.get("components"), parts))
+
+    def _reuse(self, name: str, key: str, parts: dict) -> bool:
+        current = self.engine.check_current(name, key)
+        if current:
+            self.trees[name] = self.engine.store.get_state(name)["tree"]
+            self._set(name, "up to date")
+            return True
+        entry = self.engine.store.get_action(key)
+        if entry is not None and self.engine.restore(name, key, parts, entry):
+            self.trees[name] = entry["tree"]
+            self._set(name, "cached", f"built {_ago(entry.get('finished'))}")
+            return True
+        return False
+
+    def _start_steps(self) -> None:
+        still_ready = []
+        for name, key, parts in self.ready:
+            if self.stop_scheduling:
+                self._set(name, "skipped", "stopped after a failure")
+                continue
+            need = self.project.targets[name].gpus
+            if need > len(self.all_gpus):
+                self._fail(name, f"needs {need} GPU(s) but {len(self.all_gpus)} visible "
+                                 "(set CUDA_VISIBLE_DEVICES, or run it on a GPU machine)")
+                continue
+            if len(self.running) >= self.options.jobs or need > len(self.free_gpus):
+                still_ready.append((name, key, parts))
+                continue
+            lock = FileLock(self.engine.store.lock_path(f"key-{key}"))
+            if not lock.try_acquire():
+                if name not in self.announced_wait:
+                    self.announced_wait.add(name)
+                    self._set(name, "waiting", f"another tunemake (pid {lock.holder()}) is building it")
+                still_ready.append((name, key, parts))
+                continue
+            # Another build may have finished it while we waited for the lock.
+            if not (self.options.no_cache or name in self.options.force):
+                if self._reuse(name, key, parts):
+                    lock.release()
+                    continue
+            gpus, self.free_gpus = self.free_gpus[:need], self.free_gpus[need:]
+            target = self.project.targets[name]
+            tmp = self.engine.store.new_tmp_dir(name.replace("/", "_"))
+            deps = {d: str(self.project.output_dir(d)) for d in target.target_deps}
+            step = run.start(name, target.module, target.child_params, self.project.dir, deps, tmp, gpus)
+            self.running[name] = (step, key, parts, lock)
+            self._set(name, "running", "; ".join(self.outcome.reasons.get(name, []))[:120])
+        self.ready = still_ready
+
+    def _poll_steps(self) -> None:
+        for name in list(self.running):
+            step, key, parts, lock = self.running[name]
+            p = step.read_progress()
+            if p:
+                self.reporter.progress(name, p)
+            code = step.poll()
+            if code is None:
+                continue
+            del self.running[name]
+            self.free_gpus.extend(step.gpus)
+            log_copy = self.engine.store.log_path(name)
+            log_copy.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                if code == 0:
+                    entry = self.engine.finish(step, key, parts)
+                    self.engine.restore(name, key, parts, entry)
+                    self.trees[name] = entry["tree"]
+                    os.replace(step.log, log_copy)
+                    self._set(name, "done", f"{entry['duration']:.1f}s")
+                else:
+                    os.replace(step.log, log_copy)
+                    self._fail(name, f"exit status {code}, log: {_rel(log_copy)}", log_copy)
+            finally:
+                lock.release()
+                rmtree(step.tmp)
+
+    def _fail(self, name: str, detail: str, log: Path | None = None) -> None:
+        self._set(name, "failed", detail)
+        if log is not None:
+            self.outcome.failed_logs[name] = log
+            tail = run.log_tail(log)
+            if tail:
+                self.reporter.message("\n".join(f"    │ {line}" for line in tail.splitlines()))
+        if not self.options.keep_going:
+            self.stop_scheduling = True
+        self._skip_dependents(name)
+
+    def _skip_dependents(self, name: str) -> None:
+        stack = list(self.dependents.get(name, []))
+        while stack:
+            dep = stack.pop()
+            if self.state.get(dep) in ("pending", "queued"):
+                self.ready = [r for r in self.ready if r[0] != dep]
+                self._set(dep, "skipped", f"needs {name}")
+                stack.extend(self.dependents.get(dep, []))
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "earlier"
+    secs = max(0, time.time() - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size:
+            return f"{int(secs // size)}{unit} ago"
+    return f"{int(secs)}s ago"
+
+
+def _rel(path: Path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)

@@ -1,0 +1,346 @@
+"""The command line: parse, call the engine, print. Never imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from tunemake import __version__
+from tunemake.errors import UserError
+
+STATUS_WORDS = {"up to date": "up to date", "cached": "cached", "stale": "stale", "never built": "never built"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"tunemake: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("tunemake: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-C", "--directory", default=".", help="the project folder (default: .)")
+    common.add_argument("-f", "--file", help="the tunefile (default: DIR/tunefile.toml)")
+    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME.PARAM=VALUE",
+                        help="override a param (changes the key), e.g. --set int4.groupsize=128")
+
+    parser = argparse.ArgumentParser(prog="tunemake", description="Build LLM artifacts incrementally.")
+    parser.add_argument("--version", action="version", version=f"tunemake {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("build", parents=[common], help="build targets (default: the tunefile's `default`)")
+    p.add_argument("targets", nargs="*")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="run up to N steps at once (default 1)")
+    p.add_argument("-k", "--keep-going", action="store_true", help="continue with independent targets after a failure")
+    p.add_argument("-B", "--force", action="store_true", help="rebuild the named targets even if cached")
+    p.add_argument("-n", "--dry-run", action="store_true", help="say what would run and why, run nothing")
+    p.add_argument("--no-cache", action="store_true", help="rebuild every selected target (results are still stored)")
+    p.add_argument("--plain", action="store_true", help="line-by-line output even on a terminal")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("status", parents=[common], help="up to date / stale / never built, with the reason")
+    p.add_argument("targets", nargs="*")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("explain", parents=[common], help="what changed since TARGET was last built")
+    p.add_argument("target")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("graph", parents=[common], help="the dependency tree (--dot for Graphviz)")
+    p.add_argument("targets", nargs="*")
+    p.add_argument("--dot", action="store_true")
+    p.set_defaults(func=cmd_graph)
+
+    p = sub.add_parser("list", parents=[common], help="the targets of the tunefile")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", parents=[common], help="where a target's outputs are, its key, when built")
+    p.add_argument("target")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("clean", parents=[common], help="remove materialized outputs (targets/), not the cache")
+    p.add_argument("targets", nargs="*")
+    p.set_defaults(func=cmd_clean)
+
+    p = sub.add_parser("cache", parents=[common], help="the local cache: ls | gc | verify")
+    csub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    c = csub.add_parser("ls", parents=[common], help="cached actions, oldest use first")
+    c.set_defaults(func=cmd_cache_ls)
+    c = csub.add_parser("gc", parents=[common], help="drop unreferenced blobs; evict LRU entries beyond --max-size")
+    c.add_argument("--max-size", help="e.g. 50GB: evict least-recently-used entries (unneeded ones first)")
+    c.set_defaults(func=cmd_cache_gc)
+    c = csub.add_parser("verify", parents=[common], help="re-hash every blob; drop corrupt ones")
+    c.set_defaults(func=cmd_cache_verify)
+    return parser
+
+
+# -- loading -------------------------------------------------------------------
+def _project(args):
+    from tunemake import graph, tunefile
+
+    path = tunefile.find_tunefile(Path(args.directory), args.file)
+    project = tunefile.load(path, args.overrides)
+    graph.check_acyclic(project)
+    return project
+
+
+def _engine(args):
+    from tunemake.build import Engine
+
+    project = _project(args)
+    return project, Engine(project)
+
+
+def _roots(project, names: list[str]) -> list[str]:
+    return project.expand(names) if names else project.default
+
+
+# -- commands ------------------------------------------------------------------
+def cmd_build(args) -> int:
+    from tunemake.build import Options
+    from tunemake.progress import PlainReporter, reporter
+
+    project, engine = _engine(args)
+    roots = _roots(project, args.targets)
+    if args.jobs < 1:
+        raise UserError(f"-j {args.jobs}: must be at least 1")
+    options = Options(jobs=args.jobs, keep_going=args.keep_going, no_cache=args.no_cache, dry_run=args.dry_run,
+                      force=set(roots) if args.force else set())
+    try:
+        if args.dry_run:
+            outcome = engine.build(roots, options, PlainReporter())
+            _print_assessment(outcome, dry_run=True)
+            return 0
+        rep = PlainReporter() if args.plain else reporter()
+        outcome = engine.build(roots, options, rep)
+    finally:
+        engine.close()
+    total = len(outcome.status)
+    if outcome.count("up to date") == total:
+        print(f"nothing to do: {total} target{'s' * (total != 1)} up to date ({outcome.seconds:.2f}s)")
+        return 0
+    parts = [f"{outcome.count(s)} {label}" for s, label in
+             (("done", "built"), ("cached", "restored from cache"), ("up to date", "up to date"),
+              ("failed", "failed"), ("skipped", "skipped")) if outcome.count(s)]
+    print(f"{'done' if outcome.ok else 'FAILED'}: {', '.join(parts)} in {outcome.seconds:.1f}s")
+    for name, log in outcome.failed_logs.items():
+        print(f"  {name}: full log in {os.path.relpath(log)}")
+    return 0 if outcome.ok else 1
+
+
+def _print_assessment(outcome, dry_run: bool) -> None:
+    verbs = {"up to date": "up to date", "cached": "would restore from cache" if dry_run else "cached (restorable)",
+             "stale": "would run" if dry_run else "stale", "never built": "would run" if dry_run else "never built"}
+    width = max((len(n) for n in outcome.status), default=0)
+    for name, status in outcome.status.items():
+        reasons = outcome.reasons.get(name) or []
+        why = f": {'; '.join(reasons)}" if reasons else ""
+        print(f"{name:<{width}}  {verbs[status]}{why}")
+
+
+def cmd_status(args) -> int:
+    project, engine = _engine(args)
+    try:
+        outcome = engine.assess(_roots(project, args.targets))
+    finally:
+        engine.close()
+    if args.json:
+        print(json.dumps([{"target": n, "status": s, "reasons": outcome.reasons.get(n, [])}
+                          for n, s in outcome.status.items()], indent=1))
+    else:
+        _print_assessment(outcome, dry_run=False)
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from tunemake import keys
+
+    project, engine = _engine(args)
+    name = project.expand([args.target])[0] if args.target in project.targets else None
+    if name is None:
+        raise UserError(f"{project.file.name}: unknown target '{args.target}'"
+                        + (" (a matrix family: name one member)" if args.target in project.groups else ""))
+    try:
+        outcome = engine.assess([name])
+        status = outcome.status[name]
+        state = engine.store.get_state(name)
+        if status == "up to date":
+            print(f"{name}: up to date (key {state['key'][:16]})")
+            return 0
+        print(f"{name}: {status}")
+        for line in outcome.reasons.get(name, []) or (["no earlier build to compare with"]
+                                                      if state is None else []):
+            print(f"  {line}")
+        # a stale dependency: say why it is stale, down to the change that started it
+        for dep in project.targets[name].target_deps:
+            if outcome.status.get(dep) not in ("up to date", "cached"):
+                print(f"  dep {dep} is {outcome.status[dep]}: " + "; ".join(outcome.reasons.get(dep, [])))
+        if state and status == "stale" and not outcome.reasons.get(name):
+            print(f"  key {state['key'][:16]} → {keys.key_of(engine.components(name, {}))[:16]}")
+    finally:
+        engine.close()
+    return 0
+
+
+def cmd_graph(args) -> int:
+    from tunemake.graph import closure
+
+    project = _project(args)
+    roots = _roots(project, args.targets)
+    if args.dot:
+        print("digraph tunemake {\n  rankdir=LR;")
+        for name in closure(project, roots):
+            target = project.targets[name]
+            print(f'  "{name}" [label="{name}\\n({target.kind})"];')
+            for dep in target.target_deps:
+                print(f'  "{dep}" -> "{name}";')
+            for src in target.sources:
+                print(f'  "{src}" [shape=note]; "{src}" -> "{name}";')
+        print("}")
+        return 0
+    seen: set[str] = set()
+
+    def show(name: str, prefix: str, last: bool, top: bool) -> None:
+        target = project.targets[name]
+        branch = "" if top else ("└── " if last else "├── ")
+        repeat = " …" if name in seen and target.target_deps else ""
+        print(f"{prefix}{branch}{name} ({target.kind}){repeat}")
+        if repeat:
+            return
+        seen.add(name)
+        children = target.target_deps
+        child_prefix = prefix + ("" if top else ("    " if last else "│   "))
+        for i, dep in enumerate(children):
+            show(dep, child_prefix, i == len(children) - 1, False)
+
+    for root in roots:
+        show(root, "", True, True)
+    return 0
+
+
+def cmd_list(args) -> int:
+    project = _project(args)
+    width = max(len(n) for n in project.targets)
+    for name, target in project.targets.items():
+        deps = ", ".join(target.target_deps + target.sources)
+        star = "*" if name in project.default else " "
+        print(f"{star} {name:<{width}}  {target.kind:<9} {('← ' + deps) if deps else ''}")
+    print("(* = built by a bare `tunemake build`)")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from tunemake import kinds
+    from tunemake.maintenance import human
+
+    project, engine = _engine(args)
+    engine.close()
+    name = args.target
+    if name not in project.targets:
+        project.expand([name])  # raises the unknown-target error
+        raise UserError(f"'{name}' is a matrix family: show one of {', '.join(project.groups[name])}")
+    state = engine.store.get_state(name)
+    if state is None:
+        print(f"{name}: never built (run `tunemake build {name}`)")
+        return 1
+    out = project.output_dir(name)
+    built = state.get("built", {})
+    print(f"target    {name} ({project.targets[name].kind})")
+    print(f"outputs   {os.path.relpath(out)}/")
+    print(f"key       {state['key']}")
+    if built.get("finished"):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(built["finished"]))
+        print(f"built     {when} on {built.get('host')} in {built.get('duration', 0):.2f}s")
+    files = state.get("outputs", {})
+    print(f"files     {len(files)}, {human(sum(e['size'] for e in files.values()))}")
+    for rel, entry in list(files.items())[:20]:
+        print(f"  {rel:<40} {human(entry['size']):>10}")
+    if len(files) > 20:
+        print(f"  ... and {len(files) - 20} more")
+    kind = kinds.get(project.targets[name].kind)
+    if kind.summary is not None and out.is_dir():
+        text = kind.summary(out)
+        if text:
+            print()
+            print(text.rstrip())
+    return 0
+
+
+def cmd_clean(args) -> int:
+    from tunemake.store import rmtree
+
+    project = _project(args)
+    names = project.expand(args.targets) if args.targets else list(project.targets)
+    removed = 0
+    for name in names:
+        out = project.output_dir(name)
+        if out.exists():
+            rmtree(out)
+            removed += 1
+    print(f"removed {removed} materialized target folder{'s' * (removed != 1)} (the cache keeps them)")
+    return 0
+
+
+def cmd_cache_ls(args) -> int:
+    from tunemake.maintenance import human, list_actions
+    from tunemake.store import Store
+
+    project = _project(args)
+    store = Store(project.cache_dir)
+    actions = list_actions(store)
+    total = 0
+    for a in actions:
+        size = sum(e["size"] for e in a.entry.get("outputs", {}).values())
+        total += size
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(a.last_used))
+        print(f"{a.key[:16]}  {str(a.entry.get('target')):<24} {human(size):>10}  last used {used}")
+    print(f"{len(actions)} entries, {human(total)} of outputs")
+    return 0
+
+
+def cmd_cache_gc(args) -> int:
+    from tunemake.maintenance import gc, human, parse_size
+    from tunemake.store import Store
+
+    project = _project(args)
+    limit = parse_size(args.max_size) if args.max_size else None
+    store = Store(project.cache_dir)
+    live = {s["key"] for s in (store.get_state(n) for n in project.targets) if s}
+    result = gc(store, live, limit)
+    for target, key in result["evicted"]:
+        print(f"evicted {key[:16]} ({target})")
+    print(f"removed {result['blobs_removed']} blobs ({human(result['bytes_removed'])}); "
+          f"cache holds {human(result['bytes_kept'])}")
+    return 0
+
+
+def cmd_cache_verify(args) -> int:
+    from tunemake.maintenance import verify
+    from tunemake.store import Store
+
+    project = _project(args)
+    result = verify(Store(project.cache_dir))
+    for digest in result["corrupt"]:
+        print(f"corrupt blob {digest[:16]}: removed")
+    for target, key in result["dropped_actions"]:
+        print(f"dropped cache entry {key[:16]} ({target}): it needed a removed blob; the next build redoes it")
+    print(f"checked {result['checked']} blobs: {len(result['corrupt'])} corrupt")
+    return 1 if result["corrupt"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Content digests (blake3) with a stat cache, so unchanged large files are never re-read."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import blake3
+
+# Files modified this recently are hashed but not remembered: a second write within
+# the filesystem's timestamp granularity would otherwise go unnoticed.
+RACY_WINDOW_NS = 50_000_000
+MMAP_THRESHOLD = 1 << 20
+
+
+def digest_bytes(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+def digest_json(obj) -> str:
+    return digest_bytes(canonical_json(obj).encode())
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def hash_file(path: Path | str) -> str:
+    """Digest of a file's content: multithreaded and memory-mapped for large files."""
+    size = os.path.getsize(path)
+    if size >= MMAP_THRESHOLD:
+        return blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path).hexdigest()
+    with open(path, "rb") as f:
+        return blake3.blake3(f.read()).hexdigest()
+
+
+def tree_digest(manifest: dict[str, dict]) -> str:
+    """Digest of an output tree: relative paths, contents and executable bits."""
+    return digest_json({rel: [e["digest"], bool(e.get("x"))] for rel, e in manifest.items()})
+
+
+class StatCache:
+    """(path, inode, size, mtime_ns) -> digest, kept in one JSON file.
+
+    A JSON file loads in about a millisecond, where opening an sqlite-backed cache
+    costs 10-30 ms: that is most of a no-op build. Concurrent builds may each write
+    it; the loser's new entries are lost, which costs a re-hash, never a wrong digest.
+    """
+
+    def __init__(self, path: Path | None):
+        self._path = path
+        self._entries: dict[str, list] | None = None
+        self._new: dict[str, list] = {}
+        self.hashed_bytes = 0  # how much was actually read: tests and benchmarks check this
+
+    def _load(self) -> dict[str, list]:
+        if self._entries is None:
+            self._entries = _read_json(self._path) if self._path else {}
+        return self._entries
+
+    def file(self, path: Path, st: os.stat_result | None = None) -> str:
+        st = st or os.stat(path)
+        key = str(path)
+        hit = self._load().get(key)
+        if hit is not None and hit[0] == st.st_ino and hit[1] == st.st_size and hit[2] == st.st_mtime_ns:
+            return hit[3]
+        digest = hash_file(path)
+        self.hashed_bytes += st.st_size
+        if time.time_ns() - st.st_mtime_ns > RACY_WINDOW_NS:
+            entry = [st.st_ino, st.st_size, st.st_mtime_ns, digest]
+            self._entries[key] = entry
+            self._new[key] = entry
+        return digest
+
+    def tree(self, root: Path) -> dict[str, dict]:
+        """Manifest of a folder: relative path -> digest, size, executable bit."""
+        manifest: dict[str, dict] = {}
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for fn in sorted(filenames):
+                full = Path(dirpath) / fn
+                st = os.lstat(full)
+                if stat.S_ISLNK(st.st_mode):
+                    st = os.stat(full)  # follow links: content is what matters
+                rel = full.relative_to(root).as_posix()
+                manifest[rel] = {"digest": self.file(full, st), "size": st.st_size,
+                                 "x": bool(st.st_mode & stat.S_IXUSR)}
+        return manifest
+
+    def source(self, path: Path) -> str:
+        """Digest of a source path: a file's content, or a folder's tree."""
+        if path.is_dir():
+            return "tree:" + tree_digest(self.tree(path))
+        return self.file(path)
+
+    def close(self) -> None:
+        """Merge our new entries into the file (another build may have added its own)."""
+        if not self._new or self._path is None:
+            return
+        merged = _read_json(self._path)
+        merged.update(self._new)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(merged, separators=(",", ":")))
+        os.replace(tmp, self._path)
+        self._new = {}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,114 @@
+"""`tunemake cache ls | gc | verify`: looking after the local store."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from tunemake.errors import UserError
+from tunemake.store import FileLock, Store, rmtree
+
+SIZE_RE = re.compile(r"^\s*([\d.]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'50GB' -> 50e9, '2GiB' -> 2*2**30, '100' -> 100 bytes."""
+    m = SIZE_RE.match(text)
+    if not m:
+        raise UserError(f"--max-size {text!r}: expected a size such as 500MB, 50GB or 2GiB")
+    number, unit, binary = float(m.group(1)), m.group(2).lower(), bool(m.group(3))
+    power = "bkmgt".index(unit or "b")
+    return int(number * (1024 if binary else 1000) ** power)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+@dataclass
+class Action:
+    key: str
+    entry: dict
+    last_used: float
+
+    def blobs(self) -> set[str]:
+        found = {e["digest"] for e in self.entry.get("outputs", {}).values()}
+        if self.entry.get("log"):
+            found.add(self.entry["log"])
+        return found
+
+
+def list_actions(store: Store) -> list[Action]:
+    return sorted((Action(key, entry, path.stat().st_mtime) for key, entry, path in store.actions()),
+                  key=lambda a: a.last_used)
+
+
+def _exclusive(store: Store) -> FileLock:
+    lock = FileLock(store.lock_path("gc"))
+    if not lock.try_acquire():
+        print("waiting for running builds to finish ...", flush=True)
+        lock.acquire()
+    return lock
+
+
+def gc(store: Store, live_keys: set[str], max_size: int | None) -> dict:
+    """Drop unreferenced blobs; with max_size, evict least-recently-used actions until the store fits,
+    those not needed by the current tunefile first."""
+    lock = _exclusive(store)
+    try:
+        actions = list_actions(store)
+        sizes = {digest: path.stat().st_size for digest, path in store.blobs()}
+        refs: dict[str, int] = {}
+        for action in actions:
+            for d in action.blobs():
+                refs[d] = refs.get(d, 0) + 1
+        total = sum(size for d, size in sizes.items() if d in refs)
+        evicted = []
+        if max_size is not None:
+            order = [a for a in actions if a.key not in live_keys] + [a for a in actions if a.key in live_keys]
+            for action in order:
+                if total <= max_size:
+                    break
+                store.drop_action(action.key)
+                evicted.append(action)
+                for d in action.blobs():
+                    refs[d] -= 1
+                    if refs[d] == 0:
+                        total -= sizes.get(d, 0)
+        removed_bytes = removed = 0
+        for digest, path in list(store.blobs()):
+            if refs.get(digest, 0) == 0:
+                removed_bytes += sizes.get(digest, 0)
+                path.unlink(missing_ok=True)
+                removed += 1
+        tmp = store.root / "tmp"
+        if tmp.is_dir():
+            for entry in tmp.iterdir():
+                rmtree(entry)  # safe: no build runs while we hold the gc lock
+        return {"evicted": [(a.entry.get("target"), a.key) for a in evicted], "blobs_removed": removed,
+                "bytes_removed": removed_bytes, "bytes_kept": total}
+    finally:
+        lock.release()
+
+
+def verify(store: Store) -> dict:
+    """Re-hash every blob; delete corrupt ones and the actions that needed them."""
+    lock = _exclusive(store)
+    try:
+        checked, corrupt = 0, []
+        for digest, _path in list(store.blobs()):
+            checked += 1
+            if not store.verify_blob(digest):
+                corrupt.append(digest)
+        dropped = []
+        for action in list_actions(store):
+            if any(not store.has_blob(d) for d in action.blobs()):
+                store.drop_action(action.key)
+                dropped.append((action.entry.get("target"), action.key))
+        return {"checked": checked, "corrupt": corrupt, "dropped_actions": dropped}
+    finally:
+        lock.release()

@@ -1,0 +1,490 @@
+"""tunefile.toml -> validated targets.
+
+Everything the user can get wrong in the tunefile or in `--set` is caught here
+and reported as one line naming the file, line, target and field.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tunemake import kinds
+from tunemake.errors import UserError, located
+from tunemake.hashing import digest_json
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+TUNEFILE = "tunefile.toml"
+PARSE_CACHE = ".tunecache/tunefile.parsed.json"
+PARSE_FORMAT = 1
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
+INTERP_RE = re.compile(r"\$\{(vars|matrix)\.([A-Za-z0-9_\-]+)\}")
+
+
+def _cache_config_model():
+    """The [cache] table's model, built on first use: pydantic is not imported on the no-op path."""
+    from pydantic import BaseModel, ConfigDict
+
+    class CacheConfig(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        dir: str = ".tunecache"
+        # auto: reflink where the filesystem can, else read-only hardlinks for large
+        # files and copies for small ones (small outputs are the ones people edit).
+        link: Literal["auto", "reflink", "hardlink", "copy"] = "auto"
+
+    return CacheConfig
+
+
+@dataclass
+class Target:
+    """A validated target, as plain data: cheap to cache, so a no-op build needs no pydantic."""
+
+    name: str
+    kind: str
+    module: str  # the kind's module, run in the step's child process
+    line: int | None
+    target_deps: list[str] = field(default_factory=list)  # in declaration order, unique
+    sources: list[str] = field(default_factory=list)  # paths relative to the project dir
+    key_params: dict = field(default_factory=dict)  # canonical params: inputs as "target:X" / "path:Y"
+    child_params: dict = field(default_factory=dict)  # params as `run` gets them: inputs as absolute paths
+    packages: list[str] = field(default_factory=list)  # versions of these go into the key
+    device_sensitive: bool = False
+    code_files: list[str] = field(default_factory=list)  # their content goes into the key
+    gpus: int = 0
+
+
+@dataclass
+class Project:
+    file: Path
+    dir: Path
+    targets: dict[str, Target]
+    default: list[str]
+    groups: dict[str, list[str]]  # matrix family -> member targets
+    cache_subdir: str
+    link: str
+    vars: dict[str, Any]
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.dir / self.cache_subdir
+
+    @property
+    def targets_dir(self) -> Path:
+        return self.dir / "targets"
+
+    def output_dir(self, name: str) -> Path:
+        return self.targets_dir / name
+
+    def expand(self, names: list[str], origin: str = "command line") -> list[str]:
+        """Target names and matrix family names -> target names."""
+        out: list[str] = []
+        for name in names:
+            if name in self.targets:
+                out.append(name)
+            elif name in self.groups:
+                out.extend(self.groups[name])
+            else:
+                hint = _did_you_mean(name, list(self.targets) + list(self.groups))
+                raise UserError(f"{self.file.name}: unknown target '{name}' ({origin}){hint}")
+        return list(dict.fromkeys(out))
+
+
+def find_tunefile(directory: Path, file: str | None = None) -> Path:
+    path = Path(file) if file else directory / TUNEFILE
+    if not path.is_absolute():
+        path = directory / path
+    if not path.is_file():
+        raise UserError(f"{path}: no tunefile here (create {TUNEFILE}, or point at one with -C DIR or -f FILE)")
+    return path.resolve()
+
+
+def load(path: Path, overrides: list[str] = ()) -> Project:
+    """Parse and validate, or reuse the last parse of the same bytes: a no-op build then needs
+    neither pydantic nor the kind modules (their import dominates start-up)."""
+    text = _read(path)
+    cache_file = path.parent / PARSE_CACHE
+    signature = digest_json([PARSE_FORMAT, sys.executable, path.name, text, list(overrides)])
+    project = _cached_parse(cache_file, signature, path)
+    if project is None:
+        project = _parse(path, text, list(overrides))
+        _save_parse(cache_file, signature, project)
+    return project
+
+
+def _watched_files(project: Project) -> list[str]:
+    """Files whose change may change the parse: tunemake's own code, kind code, source paths."""
+    files = {str(p) for p in Path(__file__).parent.rglob("*.py")}
+    for target in project.targets.values():
+        files.update(target.code_files)
+        files.update(str(project.dir / s) for s in target.sources)
+    return sorted(files)
+
+
+def _stat_sig(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size, st.st_ino]
+
+
+def _cached_parse(cache_file: Path, signature: str, path: Path) -> Project | None:
+    try:
+        data = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("signature") != signature:
+        return None
+    if any(_stat_sig(f) != sig for f, sig in data["watched"].items()):
+        return None
+    p = data["project"]
+    targets = {name: Target(**t) for name, t in p["targets"].items()}
+    return Project(path, path.parent, targets, p["default"], p["groups"], p["cache_subdir"], p["link"], p["vars"])
+
+
+def _save_parse(cache_file: Path, signature: str, project: Project) -> None:
+    watched = {f: _stat_sig(f) for f in _watched_files(project)}
+    data = {"signature": signature, "watched": watched, "project": {
+        "targets": {name: asdict(t) for name, t in project.targets.items()}, "default": project.default,
+        "groups": project.groups, "cache_subdir": project.cache_subdir, "link": project.link,
+        "vars": project.vars}}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, cache_file)
+    except (OSError, TypeError, ValueError):
+        pass  # only a speed-up: a read-only project still builds
+
+
+def _parse(path: Path, text: str, overrides: list[str]) -> Project:
+    fname = path.name
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = getattr(exc, "lineno", None) or _line_from_message(str(exc))
+        msg = str(exc).split(" (at line")[0]
+        raise located(fname, line, None, None, f"TOML syntax error: {msg}") from None
+    locate = _Locator(text)
+
+    unknown = set(data) - {"default", "vars", "target", "cache"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise located(fname, locate.top(key), None, key,
+                      "unknown top-level key (expected: default, vars, cache, [target.NAME] tables)")
+
+    sets = _parse_overrides(fname, overrides)
+    variables = dict(data.get("vars", {}))
+    if not isinstance(variables, dict):
+        raise located(fname, locate.top("vars"), None, "vars", "must be a table")
+    for name, value in sets.pop("vars", {}).items():
+        variables[name] = value
+
+    from pydantic import ValidationError
+
+    try:
+        cache = _cache_config_model().model_validate(data.get("cache", {}))
+    except ValidationError as exc:
+        fld, msg = _first_error(exc)
+        raise located(fname, locate.key("cache", fld), None, f"cache.{fld}", msg) from None
+
+    tables = data.get("target", {})
+    if not isinstance(tables, dict) or not tables:
+        raise located(fname, None, None, None, "no targets: declare at least one [target.NAME] table")
+
+    # 1. expand matrices and interpolate vars, keeping each member's source table for line numbers
+    raw: dict[str, tuple[str, dict]] = {}
+    groups: dict[str, list[str]] = {}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise located(fname, locate.top(f"target.{name}"), name, None, "must be a table")
+        if not NAME_RE.match(name):
+            raise located(fname, locate.table(name), name, None,
+                          "target names may use letters, digits, '_' and '-' only")
+        for member, member_table in _expand_matrix(fname, locate, name, table):
+            raw[member] = (name, _interpolate(fname, locate, name, member_table, variables, {}))
+        if "matrix" in table:
+            groups[name] = [m for m, (fam, _) in raw.items() if fam == name]
+
+    # 2. command-line overrides: NAME.param=value, NAME may be a matrix family
+    for name, params in sets.items():
+        members = [name] if name in raw else groups.get(name)
+        if not members:
+            hint = _did_you_mean(name, list(raw) + list(groups))
+            raise UserError(f"--set {name}.…: no target '{name}' in {fname}{hint}")
+        for member in members:
+            raw[member][1].update(params)
+
+    # 3. validate each target with its kind's params model
+    validated = {name: _validate(fname, locate, family, name, table, set(sets.get(name, {})))
+                 for name, (family, table) in raw.items()}
+
+    # 4. resolve inputs: target names become dependencies, other values source paths
+    project_dir = path.parent
+    targets: dict[str, Target] = {}
+    for name, (kind, model) in validated.items():
+        targets[name] = _resolve(fname, locate, project_dir, name, kind, model, validated, groups, raw[name][0])
+
+    default = data.get("default", [])
+    if isinstance(default, str):
+        default = [default]
+    if not isinstance(default, list) or not all(isinstance(d, str) for d in default):
+        raise located(fname, locate.top("default"), None, "default", "must be a list of target names")
+    project = Project(path, project_dir, targets, [], groups, cache.dir, cache.link, variables)
+    for name in default:
+        if name not in targets and name not in groups:
+            raise located(fname, locate.top("default"), None, "default",
+                          f"unknown target '{name}'{_did_you_mean(name, list(targets))}")
+    project.default = project.expand(default) if default else list(targets)
+    return project
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no tunefile here (create {TUNEFILE}, or point at one with -C DIR or -f FILE)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read: {exc}") from None
+
+
+def _parse_overrides(fname: str, overrides: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        lhs, eq, value = item.partition("=")
+        name, dot, param = lhs.strip().partition(".")
+        if not eq or not dot or not name or not param:
+            raise UserError(f"--set {item!r}: expected NAME.param=value (e.g. --set int4.groupsize=128)")
+        out.setdefault(name, {})[param] = _parse_value(value.strip())
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value if it parses as one (64, true, ["a"], "x"), else the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _expand_matrix(fname: str, locate: "_Locator", name: str, table: dict):
+    matrix = table.get("matrix")
+    if matrix is None:
+        yield name, dict(table)
+        return
+    if not isinstance(matrix, dict) or not matrix or not all(isinstance(v, list) and v for v in matrix.values()):
+        raise located(fname, locate.key(f"target.{name}", "matrix"), name, "matrix",
+                      "must be a table of non-empty lists, e.g. matrix = {scheme = [\"int8_weight_only\", \"int4_weight_only\"]}")
+    body = {k: v for k, v in table.items() if k != "matrix"}
+    axes = list(matrix)
+    for combo in itertools.product(*(matrix[a] for a in axes)):
+        member = name + "@" + "-".join(str(v) for v in combo)
+        if not NAME_RE.match(member.replace("@", "_")):
+            raise located(fname, locate.key(f"target.{name}", "matrix"), name, "matrix",
+                          f"value {combo!r} does not make a valid target name")
+        values = dict(zip(axes, combo))
+        yield member, _interpolate(fname, locate, name, body, {}, values, matrix_only=True)
+
+
+def _interpolate(fname, locate, target, value, variables, matrix, matrix_only=False, field=None):
+    """Replace ${vars.x} / ${matrix.x}; a string that is exactly one reference keeps the value's type."""
+    if isinstance(value, dict):
+        return {k: _interpolate(fname, locate, target, v, variables, matrix, matrix_only, field or k)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(fname, locate, target, v, variables, matrix, matrix_only, field) for v in value]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def lookup(scope: str, key: str):
+        table = variables if scope == "vars" else matrix
+        if scope == "vars" and matrix_only:
+            return None  # resolved in the second pass
+        if key not in table:
+            known = ", ".join(sorted(table)) or "none"
+            raise located(fname, locate.key(f"target.{target}", field), target, field,
+                          f"${{{scope}.{key}}} is not defined (defined {scope}: {known})")
+        return table[key]
+
+    whole = INTERP_RE.fullmatch(value)
+    if whole:
+        found = lookup(*whole.groups())
+        return value if found is None else found
+
+    def sub(m: re.Match) -> str:
+        found = lookup(m.group(1), m.group(2))
+        return m.group(0) if found is None else str(found)
+
+    return INTERP_RE.sub(sub, value)
+
+
+def _validate(fname: str, locate: "_Locator", family: str, name: str, table: dict, overridden: set):
+    section = f"target.{family}"
+    kind_name = table.get("kind")
+    if kind_name is None:
+        raise located(fname, locate.table(family), name, "kind", f"missing (one of: {', '.join(kinds.available())})")
+    try:
+        kind = kinds.get(kind_name)
+    except kinds.UnknownKind:
+        raise located(fname, locate.key(section, "kind"), name, "kind",
+                      f"unknown kind '{kind_name}' (one of: {', '.join(kinds.available())})") from None
+    except ImportError as exc:
+        raise located(fname, locate.key(section, "kind"), name, "kind",
+                      f"kind '{kind_name}' cannot be loaded: {exc}") from None
+    from pydantic import ValidationError
+
+    params = {k: v for k, v in table.items() if k != "kind"}
+    try:
+        model = kind.params.model_validate(params)
+    except ValidationError as exc:
+        fld, msg = _first_error(exc, kind.params)
+        origin = " (from --set)" if fld.split(".")[0] in overridden else ""
+        raise located(fname, locate.key(section, fld.split(".")[0]), name, fld, msg + origin) from None
+    return kind, model
+
+
+def _resolve(fname, locate, project_dir: Path, name: str, kind, model, targets, groups, family: str) -> Target:
+    target = Target(name=name, kind=kind.name, module=kind.module, line=locate.table(family),
+                    packages=list(kind.packages_for(model)), device_sensitive=kind.device_sensitive,
+                    gpus=int(kind.resources(model).get("gpus", 0) or 0))
+    key_params = model.model_dump(mode="json")
+    child_params = dict(key_params)
+    for fld in kind.inputs + kind.optional_inputs:
+        value = key_params.get(fld)
+        if value is None:
+            continue
+        required = fld in kind.inputs
+        values = value if isinstance(value, list) else [value]
+        key_vals, child_vals = [], []
+        for item in values:
+            if not isinstance(item, str):
+                raise located(fname, locate.key(f"target.{family}", fld), target.name, fld,
+                              "must name a target or a path")
+            members = [item] if item in targets else groups.get(item, [])
+            if members:
+                for dep in members:
+                    if dep == target.name:
+                        raise located(fname, locate.key(f"target.{family}", fld), target.name, fld,
+                                      "a target cannot depend on itself")
+                    if dep not in target.target_deps:
+                        target.target_deps.append(dep)
+                    key_vals.append(f"target:{dep}")
+                    child_vals.append(str(project_dir / "targets" / dep))
+                continue
+            source = _source_path(project_dir, item)
+            if source is not None:
+                if source not in target.sources:
+                    target.sources.append(source)
+                key_vals.append(f"path:{source}")
+                child_vals.append(str(project_dir / source))
+            elif required:
+                hint = _did_you_mean(item, list(targets) + list(groups))
+                raise located(fname, locate.key(f"target.{family}", fld), target.name, fld,
+                              f"'{item}' is neither a target nor an existing path{hint}")
+            else:
+                key_vals.append(item)
+                child_vals.append(item)
+        if isinstance(value, list):
+            key_params[fld], child_params[fld] = key_vals, child_vals
+        else:
+            key_params[fld], child_params[fld] = key_vals[0], child_vals[0]
+    target.key_params = key_params
+    target.child_params = child_params
+    target.code_files = kind.source_files() + (kind.code_files(model, project_dir) if kind.code_files else [])
+
+    if kind.validate is not None:
+        try:
+            kind.validate(model, project_dir)
+        except ValueError as exc:
+            fld, _, msg = str(exc).partition(": ")
+            if not msg:
+                fld, msg = None, str(exc)
+            raise located(fname, locate.key(f"target.{family}", fld) if fld else target.line,
+                          target.name, fld, msg) from None
+    return target
+
+
+def _source_path(project_dir: Path, item: str) -> str | None:
+    """The path relative to the project, if it exists; sources live inside the project or are absolute."""
+    path = Path(item)
+    full = path if path.is_absolute() else project_dir / path
+    if not full.exists():
+        return None
+    try:
+        return full.resolve().relative_to(project_dir.resolve()).as_posix()
+    except ValueError:
+        return str(full.resolve())
+
+
+def _first_error(exc, model: type | None = None) -> tuple[str, str]:
+    err = exc.errors()[0]
+    fld = ".".join(str(p) for p in err["loc"]) or "?"
+    if err["type"] == "extra_forbidden":
+        valid = ", ".join(["kind", *model.model_fields]) if model is not None else ""
+        return fld, f"unknown field (valid fields: {valid})" if valid else "unknown field"
+    if err["type"] == "missing":
+        return fld, "required field is missing"
+    msg = err["msg"]
+    if "input" in err and err["type"] not in ("value_error",):
+        msg += f" (got {err['input']!r})"
+    return fld, msg
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _line_from_message(msg: str) -> int | None:
+    m = re.search(r"at line (\d+)", msg)
+    return int(m.group(1)) if m else None
+
+
+class _Locator:
+    """Finds the line of a table or key in the TOML text (tomllib gives no positions)."""
+
+    def __init__(self, text: str):
+        self.lines = text.splitlines()
+        self._headers: dict[str, int] = {}
+        for i, line in enumerate(self.lines, 1):
+            m = re.match(r"\s*\[\s*([^\]]+?)\s*\]", line)
+            if m:
+                self._headers.setdefault(m.group(1).replace('"', "").replace(" ", ""), i)
+
+    def table(self, target: str) -> int | None:
+        return self._headers.get(f"target.{target}")
+
+    def top(self, key: str) -> int | None:
+        if key in self._headers:
+            return self._headers[key]
+        for i, line in enumerate(self.lines, 1):
+            if re.match(rf"\s*{re.escape(key)}\s*=", line):
+                return i
+            if line.lstrip().startswith("["):
+                break
+        return None
+
+    def key(self, section: str, key: str | None) -> int | None:
+        start = self._headers.get(section)
+        if start is None:
+            return None
+        if key:
+            for i in range(start, len(self.lines)):
+                line = self.lines[i]
+                if line.lstrip().startswith("["):
+                    break
+                if re.match(rf"\s*{re.escape(key)}\s*=", line):
+                    return i + 1
+        return start
