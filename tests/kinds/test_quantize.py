@@ -1,0 +1,291 @@
+"""The quantize kind on tiny random checkpoints: every scheme, bit-exact reload, parity with torchao."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pydantic
+import pytest
+import torch
+from torch import nn
+
+from tunemake.kinds import quantize
+from tunemake.models import ModelArgs, Transformer, load_model, save_checkpoint
+from tunemake.models.quantized import (
+    int4_cpu_weight,
+    load_quantized_model,
+    pad_in_features,
+    pad_input_to_weight,
+    quantize_weight,
+)
+from tunemake.step import StepContext
+
+SCHEMES = [
+    "int4_weight_only",
+    "int8_weight_only",
+    "int8_dynamic_activation_int8_weight",
+    "int8_dynamic_activation_int4_weight",
+    "float8_weight_only",
+]
+# hidden 256 and attention width 256 divide every group size; the MLP width 320 divides 64 but not 128 or
+# 256, so down_proj is the layer that must be padded
+TINY = dict(vocab_size=384, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=320)
+
+
+def random_checkpoint(folder: Path, **overrides) -> Path:
+    args = ModelArgs(**{**TINY, **overrides})
+    torch.manual_seed(0)
+    model = Transformer(args)
+    with torch.no_grad():  # biases and norms away from their init so no term can hide
+        for name, tensor in model.state_dict().items():
+            if not name.endswith("proj.weight") and not name.endswith("embed_tokens.weight"):
+                tensor.copy_(1 + 0.1 * torch.randn_like(tensor))
+    save_checkpoint(model.state_dict(), args, folder)
+    (folder / "tokenizer.json").write_text('{"stand-in": "copied verbatim"}')
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory) -> Path:
+    return random_checkpoint(tmp_path_factory.mktemp("tied"), tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def untied_bias(tmp_path_factory) -> Path:
+    return random_checkpoint(tmp_path_factory.mktemp("qwen2"), model_type="qwen2", qkv_bias=True)
+
+
+def build(source: Path, out: Path, **params) -> dict:
+    ctx = StepContext(target="q", out=out, project_dir=source.parent, progress_file=out.parent / f"{out.name}.progress")
+    quantize.run(quantize.Params(model=str(source), **params), ctx)
+    return json.loads((out / "quantization.json").read_text())
+
+
+def quantize_in_memory(model: Transformer, scheme: str, groupsize: int | None, exclude=()) -> Transformer:
+    """The reference: the whole model in memory, each linear quantized in place."""
+    if model.lm_head is None and "lm_head" not in exclude:
+        model.lm_head = nn.Linear(model.args.dim, model.args.vocab_size, bias=False)
+        model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or any(name.endswith(e) for e in exclude):
+            continue
+        weight = module.weight.detach()
+        if groupsize and weight.shape[1] % groupsize:
+            weight = pad_in_features(weight, groupsize)
+            module.register_forward_pre_hook(pad_input_to_weight)
+        module.weight = nn.Parameter(quantize_weight(weight, scheme, groupsize)[0], requires_grad=False)
+    return model
+
+
+def logits(model, seed=1) -> torch.Tensor:
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(tokens)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_each_scheme_reloads_bit_exact(tied, tmp_path, scheme, capsys):
+    info = build(tied, tmp_path / "out", scheme=scheme)
+    reloaded = load_model(tmp_path / "out", dtype=torch.bfloat16)
+    in_memory = quantize_in_memory(load_model(tied, dtype=torch.bfloat16), scheme, info["groupsize"])
+    assert torch.equal(logits(reloaded), logits(in_memory))
+
+    full = logits(load_model(tied, dtype=torch.bfloat16)).float()
+    error = (logits(reloaded).float() - full).norm() / full.norm()
+    assert 0 < error < (0.4 if "int4" in scheme else 0.1), error  # lossy, yet far from unrelated logits (~1.4)
+
+    linears = [f"model.layers.{i}.{p}" for i in range(2) for p in
+               ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")] + ["lm_head"]
+    assert sorted(info["quantized"]) == sorted(linears)
+    assert info["kept"] == {}
+    if scheme in quantize.GROUPED_SCHEMES:
+        assert info["groupsize"] == 256
+        assert info["padded"] == {f"model.layers.{i}.mlp.down_proj": {"in_features": 320, "padded_in_features": 512}
+                                  for i in range(2)}
+        assert "padded model.layers.1.mlp.down_proj: in_features 320 -> 512" in capsys.readouterr().out
+        progress = (tmp_path / "out.progress").read_text()
+        assert "padded model.layers.0.mlp.down_proj" in progress
+    else:
+        assert info["groupsize"] is None and info["padded"] == {}
+    assert info["weights_file"] == ("model.pt" if scheme == "int4_weight_only" else "model.safetensors")
+    assert info["bytes_after"] == (tmp_path / "out" / info["weights_file"]).stat().st_size
+    args = ModelArgs(**TINY)
+    embed = args.vocab_size * args.dim
+    attention = 2 * args.dim * args.n_heads * args.head_dim + 2 * args.dim * args.n_kv_heads * args.head_dim
+    per_layer = attention + 3 * args.dim * args.hidden_dim + 2 * args.dim  # + two norms
+    assert info["bytes_before"] == 2 * (embed + 2 * per_layer + args.dim)  # bf16, tied embedding counted once
+    assert info["torch_version"] == torch.__version__ and info["torchao_version"]
+    assert info["scheme"] == scheme and info["dtype"] == "bfloat16" and info["device"] == "cpu"
+    assert info["peak_rss_bytes"] >= info["rss_at_start_bytes"] > 0 and info["seconds"] > 0
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == (tied / "tokenizer.json").read_text()
+    assert (tmp_path / "out" / "config.json").read_text() == (tied / "config.json").read_text()
+
+
+def test_int4_group_256_is_packed_and_smaller_than_int8(tied, tmp_path):
+    info = build(tied, tmp_path / "int4", scheme="int4_weight_only")
+    assert info["config"] == {
+        "config": "tunemake int4_cpu_weight (PrototypeInt4WeightOnlyConfig's quantization at a group size it rejects)",
+        "group_size": 256, "packing": "int4pack_for_cpu", "tensor": "Int4OpaqueTensor"}
+    int8 = build(tied, tmp_path / "int8", scheme="int8_weight_only")
+    assert info["bytes_after"] < 0.75 * int8["bytes_after"]
+
+
+# group 64 divides every layer of the tiny model, so torchao's own quantize_ on the whole model
+# quantizes exactly what the kind does and must give the same logits
+@pytest.mark.parametrize("scheme, groupsize, config", [
+    ("int4_weight_only", 64, "PrototypeInt4WeightOnlyConfig(group_size=64)"),
+    ("int8_weight_only", None, "Int8WeightOnlyConfig()"),
+    ("int8_dynamic_activation_int8_weight", None, "Int8DynamicActivationInt8WeightConfig()"),
+    ("int8_dynamic_activation_int4_weight", 64,
+     "Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(64))"),
+    ("float8_weight_only", None, "Float8WeightOnlyConfig()"),
+])
+def test_matches_torchao_quantize_on_the_whole_model(untied_bias, tmp_path, scheme, groupsize, config):
+    import torchao.quantization as tq
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+    info = build(untied_bias, tmp_path / "out", scheme=scheme, groupsize=groupsize)
+    assert info["padded"] == {}
+    naive = load_model(untied_bias, dtype=torch.bfloat16)
+    namespace = {"torch": torch, "PrototypeInt4WeightOnlyConfig": PrototypeInt4WeightOnlyConfig, **vars(tq)}
+    tq.quantize_(naive, eval(config, namespace))
+    assert torch.equal(logits(load_model(tmp_path / "out")), logits(naive))
+
+
+@pytest.mark.parametrize("groupsize", [32, 64, 128])
+def test_int4_cpu_weight_equals_torchao_from_hp(groupsize):
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+
+    weight = torch.randn(96, 512, generator=torch.Generator().manual_seed(groupsize)).bfloat16()
+    ours = int4_cpu_weight(weight, groupsize)
+    theirs = Int4OpaqueTensor.from_hp(weight, [1, groupsize])
+    assert torch.equal(ours.qdata, theirs.qdata)
+    assert torch.equal(ours.scale_and_zero, theirs.scale_and_zero)
+    assert ours.block_size == theirs.block_size and ours.shape == theirs.shape
+
+
+def test_int4_group_256_computes_with_256_wide_groups():
+    """Against a dequantization written from the tinygemm formula (bf16 qparams from min/max per 256 columns)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 768, generator=generator).bfloat16()
+    x = torch.randn(5, 768, generator=generator).bfloat16()
+    groups = weight.view(64, 3, 256)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = (high - low) / 15
+    zero = low + 8 * scale  # the kernel computes (code - 8) * scale + zero
+    codes = ((groups - (zero - 8 * scale)) / scale).round().clamp(0, 15)
+    dequantized = ((codes.float() - 8) * scale.float() + zero.float()).view(64, 768)
+    reference = x.float() @ dequantized.T
+
+    out = nn.functional.linear(x, int4_cpu_weight(weight, 256)).float()
+    assert (out - reference).norm() / reference.norm() < 0.01
+    full = x.float() @ weight.float().T
+    assert (out - full).norm() / full.norm() > 0.05  # int4 is lossy: the check above is not trivially met
+    group128 = nn.functional.linear(x, int4_cpu_weight(weight, 128)).float()
+    assert (group128 - reference).norm() / reference.norm() > 0.03  # a narrower grouping is distinguishable
+
+
+def test_padded_columns_contribute_nothing():
+    weight = torch.randn(32, 320, generator=torch.Generator().manual_seed(0)).bfloat16()
+    linear = nn.Linear(320, 32, bias=False)
+    linear.weight = nn.Parameter(int4_cpu_weight(pad_in_features(weight, 256), 256), requires_grad=False)
+    linear.register_forward_pre_hook(pad_input_to_weight)
+    x = torch.randn(3, 320, generator=torch.Generator().manual_seed(1)).bfloat16()
+    padded_x = torch.cat([x, torch.zeros(3, 192, dtype=x.dtype)], dim=1)
+    assert torch.equal(linear(x), nn.functional.linear(padded_x, linear.weight))
+    assert pad_in_features(weight, 64) is weight
+
+
+def test_exclude_keeps_layers_in_dtype_and_leaves_tied_head_tied(tied, tmp_path):
+    info = build(tied, tmp_path / "out", scheme="int8_weight_only", exclude=["lm_head", "*.down_proj"])
+    assert info["kept"] == {"lm_head": "excluded (stays tied to model.embed_tokens)",
+                            "model.layers.0.mlp.down_proj": "excluded", "model.layers.1.mlp.down_proj": "excluded"}
+    assert len(info["quantized"]) == 12
+    model = load_model(tmp_path / "out")
+    source = load_model(tied, dtype=torch.bfloat16)
+    assert model.lm_head is None
+    kept = model.model.layers[1].mlp.down_proj.weight
+    assert type(kept.data) is torch.Tensor and torch.equal(kept, source.model.layers[1].mlp.down_proj.weight)
+    assert type(model.model.layers[1].mlp.up_proj.weight).__name__ == "Int8Tensor"
+    reference = quantize_in_memory(source, "int8_weight_only", None, exclude=("lm_head", "down_proj"))
+    assert torch.equal(logits(model), logits(reference))
+
+
+def test_params_defaults_and_errors_name_the_field():
+    params = quantize.Params(model="base", scheme="int4_weight_only")
+    assert params.model_dump() == {"model": "base", "scheme": "int4_weight_only", "groupsize": 256,
+                                   "dtype": "bfloat16", "device": "auto", "exclude": []}
+    bad = [
+        (dict(scheme="int3_weight_only"), "scheme"),
+        (dict(scheme="int4_weight_only", groupsize=100), "groupsize: must be a power of two"),
+        (dict(scheme="int4_weight_only", groupsize=512), "groupsize: int4_weight_only kernels take"),
+        (dict(scheme="int8_dynamic_activation_int4_weight", groupsize=0), "groupsize: must be a power of two"),
+        (dict(scheme="int8_weight_only", groupsize=128), "groupsize: int8_weight_only quantizes per output channel"),
+        (dict(scheme="int4_weight_only", dtype="float32"), "dtype: int4_weight_only needs bfloat16"),
+        (dict(scheme="int8_weight_only", dtype="float64"), "dtype"),
+        (dict(scheme="int8_weight_only", device="tpu"), "device"),
+        (dict(scheme="int8_weight_only", exclude=[" "]), "exclude: patterns must not be empty"),
+        (dict(scheme="int8_weight_only", group_size=64), "group_size"),
+    ]
+    for fields, message in bad:
+        with pytest.raises(pydantic.ValidationError, match=message):
+            quantize.Params(model="base", **fields)
+    assert quantize.Params(model="b", scheme="int8_dynamic_activation_int4_weight", groupsize=32).groupsize == 32
+
+
+def test_validate_checks_an_existing_source_folder(tied, tmp_path):
+    params = lambda model: quantize.Params(model=model, scheme="int8_weight_only")  # noqa: E731
+    quantize.validate(params(str(tied)), tmp_path)
+    quantize.validate(params("some_target"), tmp_path)  # not a path: the engine resolves target names
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="model: .*empty has no config.json"):
+        quantize.validate(params("empty"), tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="model: .*file is a file"):
+        quantize.validate(params("file"), tmp_path)
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="model: .*noweights has no .safetensors"):
+        quantize.validate(params("noweights"), tmp_path)
+    build(tied, tmp_path / "q", scheme="int8_weight_only")
+    with pytest.raises(ValueError, match="model: .*q is already quantized"):
+        quantize.validate(params("q"), tmp_path)
+
+
+def test_run_fails_before_writing_on_bad_exclude_or_device(tied, tmp_path):
+    with pytest.raises(ValueError, match="exclude: pattern 'lm_hed' matches no linear layer"):
+        build(tied, tmp_path / "out", scheme="int8_weight_only", exclude=["lm_hed"])
+    assert not (tmp_path / "out").exists()
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device: cuda requested"):
+            build(tied, tmp_path / "out", scheme="int8_weight_only", device="cuda")
+
+
+def test_reload_refuses_cpu_int4_on_cuda_and_mismatched_tensors(tied, tmp_path):
+    build(tied, tmp_path / "out", scheme="int4_weight_only", groupsize=64)
+    with pytest.raises(ValueError, match="int4 weights are packed for cpu, cannot load on cuda"):
+        load_quantized_model(tmp_path / "out", device="cuda")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"model.pt: tensors do not match .*unexpected: \['model.layers.1"):
+        load_model(tmp_path / "out")
+
+
+def test_summary_and_resources(tied, tmp_path, monkeypatch):
+    build(tied, tmp_path / "out", scheme="int8_dynamic_activation_int4_weight", groupsize=128)
+    text = quantize.summary(tmp_path / "out")
+    assert "int8_dynamic_activation_int4_weight, group size 128, bfloat16 on cpu" in text
+    assert "15 quantized (2 padded), 0 kept" in text and "model.safetensors" in text
+    params = lambda device: quantize.Params(model="m", scheme="int8_weight_only", device=device)  # noqa: E731
+    assert quantize.resources(params("cuda")) == {"gpus": 1}
+    assert quantize.resources(params("cpu")) == {}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert quantize.resources(params("auto")) == {}
+
+
+def test_kind_module_does_not_import_torch():
+    code = "import sys, tunemake.kinds.quantize; sys.exit('torch' in sys.modules or 'torchao' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

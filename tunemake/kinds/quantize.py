@@ -1,0 +1,254 @@
+"""kind = "quantize": a Hugging Face checkpoint -> a torchao-quantized checkpoint folder.
+
+Weights are read one tensor at a time from the source safetensors and quantized as they
+come, so peak memory is the quantized model plus one full-precision tensor, not the
+full-precision model. Layers whose in_features the group size does not divide are padded
+(see tunemake.models.quantized), printed, reported as progress and listed in
+quantization.json, never skipped. The output loads with tunemake.models.load_model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+INPUTS = ("model",)
+PACKAGES = ("python", "torch", "torchao", "safetensors")
+CODE = ("tunemake.models",)
+DEVICE_SENSITIVE = True
+
+# kept in step with tunemake.models.quantized (not imported here: it imports torch)
+SCHEMES = Literal[
+    "int4_weight_only",
+    "int8_weight_only",
+    "int8_dynamic_activation_int8_weight",
+    "int8_dynamic_activation_int4_weight",
+    "float8_weight_only",
+]
+GROUPED_SCHEMES = ("int4_weight_only", "int8_dynamic_activation_int4_weight")
+DEFAULT_GROUPSIZE = 256  # torchtune's int4 quantization configs use 256
+INT4_KERNEL_GROUPSIZES = (32, 64, 128, 256)  # tinygemm (CUDA) and aten int4pack (CPU)
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="a target or a path giving a Hugging Face checkpoint folder")
+    scheme: SCHEMES
+    groupsize: int | None = Field(default=None, description="int4 schemes only; default 256")
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    exclude: list[str] = Field(default_factory=list, description="fnmatch patterns of linear layers kept in dtype")
+
+    @model_validator(mode="after")
+    def _check_scheme_fields(self):
+        if self.scheme in GROUPED_SCHEMES:
+            if self.groupsize is None:
+                self.groupsize = DEFAULT_GROUPSIZE
+            size = self.groupsize
+            if size < 2 or size & (size - 1):
+                raise ValueError(f"groupsize: must be a power of two, got {size}")
+            if self.scheme == "int4_weight_only" and size not in INT4_KERNEL_GROUPSIZES:
+                raise ValueError(f"groupsize: int4_weight_only kernels take 32, 64, 128 or 256, got {size}")
+        elif self.groupsize is not None:
+            raise ValueError(f"groupsize: {self.scheme} quantizes per output channel and takes no groupsize")
+        if self.scheme == "int4_weight_only" and self.dtype != "bfloat16":
+            raise ValueError(
+                f"dtype: int4_weight_only needs bfloat16 (torchao's packed int4 kernels: CUDA tinygemm "
+                f"accepts only bf16, the CPU one is fast only in bf16), got {self.dtype}"
+            )
+        for pattern in self.exclude:
+            if not pattern.strip():
+                raise ValueError("exclude: patterns must not be empty")
+        return self
+
+
+def validate(params: Params, project_dir) -> None:
+    """Checks a source checkpoint folder that exists now (a target's output is checked when it is built)."""
+    folder = Path(project_dir) / params.model
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ValueError(f"model: {folder} is a file; expected a Hugging Face checkpoint folder")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"model: {folder} has no config.json (not a Hugging Face checkpoint folder)")
+    if (folder / "quantization.json").exists():
+        raise ValueError(f"model: {folder} is already quantized (has quantization.json); give a full-precision one")
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(f"model: {folder} has no .safetensors weights (quantize reads safetensors only)")
+
+
+def resources(params: Params) -> dict:
+    if params.device == "cuda" or (params.device == "auto" and _gpu_visible()):
+        return {"gpus": 1}
+    return {}
+
+
+def _gpu_visible() -> bool:
+    """An NVIDIA GPU is present and not hidden, found without importing torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
+
+
+def summary(out_dir) -> str:
+    info = json.loads((Path(out_dir) / "quantization.json").read_text())
+    group = f", group size {info['groupsize']}" if info.get("groupsize") else ""
+    config = info["config"]
+    lines = [
+        f"{info['scheme']}{group}, {info['dtype']} on {info['device']}: {config.get('config')} -> {config.get('tensor')}",
+        f"linear layers: {len(info['quantized'])} quantized ({len(info['padded'])} padded), {len(info['kept'])} kept in {info['dtype']}",
+        f"weights: {info['bytes_before'] / 1e6:.1f} MB -> {info['bytes_after'] / 1e6:.1f} MB ({info['weights_file']})",
+        f"took {info['seconds']:.1f} s, peak RSS {info['peak_rss_bytes'] / 1e6:.0f} MB; "
+        f"torch {info['torch_version']}, torchao {info['torchao_version']}",
+    ]
+    return "\n".join(lines)
+
+
+def run(params: Params, ctx) -> None:
+    import fnmatch
+    import shutil
+    import time
+
+    import torch
+    import torchao
+    from safetensors import safe_open
+
+    from tunemake.models import Transformer, read_config
+    from tunemake.models.checkpoint import CONFIG_FILE, TOKENIZER_FILES, checked_state_dict
+    from tunemake.models.quantized import (
+        QUANTIZATION_FILE,
+        pad_in_features,
+        quantize_weight,
+        save_quantized_state_dict,
+    )
+
+    started = time.perf_counter()
+    rss_at_start = _max_rss_bytes()
+    source = Path(params.model)
+    device = _resolve_device(params.device)
+    dtype = getattr(torch, params.dtype)
+
+    # everything that can be wrong with the checkpoint is found here, before any tensor is read
+    args = read_config(source)
+    with torch.device("meta"):
+        model = Transformer(args)
+    tensor_files = _safetensors_tensor_files(source)
+    shapes = {}
+    for name, path in tensor_files.items():
+        with safe_open(str(path), framework="pt") as f:
+            shapes[name] = torch.empty(f.get_slice(name).get_shape(), device="meta")
+    state_names = list(checked_state_dict(model, shapes, tensor_files, source))
+    linear_names = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    # (output name, source tensor) for every tensor written; tied embeddings get a quantized lm_head of their own
+    def excluded(module_name: str) -> bool:
+        return any(fnmatch.fnmatchcase(module_name, pattern) for pattern in params.exclude)
+
+    plan = [(name, name) for name in state_names]
+    state_dict, quantized, padded, kept = {}, [], {}, {}
+    if getattr(model, "lm_head", None) is None:
+        linear_names.add("lm_head")
+        if excluded("lm_head"):
+            kept["lm_head"] = "excluded (stays tied to model.embed_tokens)"
+        else:
+            plan.append(("lm_head.weight", "model.embed_tokens.weight"))
+    for pattern in params.exclude:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in linear_names):
+            raise ValueError(f"exclude: pattern {pattern!r} matches no linear layer of {source}")
+
+    config_used = None
+    bytes_before = 0
+    for done, (name, source_name) in enumerate(plan):
+        module_name, _, leaf = name.rpartition(".")
+        with safe_open(str(tensor_files[source_name]), framework="pt") as f:
+            # a private copy, so the file's pages are not held for the rest of the run
+            tensor = f.get_tensor(source_name).to(device=device, dtype=dtype, copy=True)
+        if name != "lm_head.weight" or source_name == name:
+            bytes_before += tensor.numel() * tensor.element_size()
+        if module_name not in linear_names or leaf != "weight":
+            state_dict[name] = tensor
+        elif excluded(module_name):
+            state_dict[name] = tensor
+            kept[module_name] = "excluded"
+        else:
+            in_features = tensor.shape[1]
+            if params.groupsize and in_features % params.groupsize:
+                tensor = pad_in_features(tensor, params.groupsize)
+                padded[module_name] = {"in_features": in_features, "padded_in_features": tensor.shape[1]}
+                message = (f"padded {module_name}: in_features {in_features} -> {tensor.shape[1]} "
+                           f"(groupsize {params.groupsize})")
+                print(message, flush=True)
+                ctx.progress(done, len(plan), message)
+            state_dict[name], config_used = quantize_weight(tensor, params.scheme, params.groupsize)
+            quantized.append(module_name)
+        del tensor
+        ctx.progress(done + 1, len(plan), name)
+
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    weights_file = save_quantized_state_dict(state_dict, ctx.out)
+    for file_name in (CONFIG_FILE, *TOKENIZER_FILES):
+        if (source / file_name).is_file():
+            shutil.copyfile(source / file_name, ctx.out / file_name)
+    info = {
+        "scheme": params.scheme,
+        "groupsize": params.groupsize,
+        "dtype": params.dtype,
+        "device": device.type,
+        "exclude": params.exclude,
+        "config": config_used or {},
+        "weights_file": weights_file,
+        "quantized": quantized,
+        "padded": padded,
+        "kept": kept,
+        "bytes_before": bytes_before,  # the full-precision tensors, in dtype
+        "bytes_after": (ctx.out / weights_file).stat().st_size,
+        "seconds": round(time.perf_counter() - started, 3),
+        "rss_at_start_bytes": rss_at_start,  # after imports, before any weight was read
+        "peak_rss_bytes": _max_rss_bytes(),
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+        "torch_version": torch.__version__,
+        "torchao_version": torchao.__version__,
+    }
+    (ctx.out / QUANTIZATION_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    print(
+        f"quantized {len(quantized)} linear layers with {params.scheme} ({len(padded)} padded to the group size), "
+        f"kept {len(kept)} in {params.dtype}; {info['bytes_before'] / 1e6:.1f} MB -> {info['bytes_after'] / 1e6:.1f} MB",
+        flush=True,
+    )
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda requested but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def _safetensors_tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it, single-file or sharded."""
+    from safetensors import safe_open
+
+    from tunemake.models.checkpoint import weight_files
+
+    files = weight_files(folder)
+    for path in set(files.values()):
+        if path.suffix != ".safetensors":
+            raise ValueError(f"model: {path} is not safetensors; quantize reads safetensors checkpoints only")
+    if "" in files:
+        with safe_open(str(files[""]), framework="pt") as f:
+            return {name: files[""] for name in f.keys()}
+    return files
+
+
+def _max_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -1,0 +1,242 @@
+"""Quantized checkpoint folders: torchao weights per scheme, saving them, loading them back.
+
+A quantized folder holds config.json and tokenizer files copied from the full-precision
+source, the weights (model.safetensors when torchao can flatten every tensor type,
+else model.pt read back with weights_only=True) and quantization.json, which says what
+was done (see tunemake.kinds.quantize). Parameter names stay Hugging Face's; with tied
+embeddings a quantized output projection is stored as its own `lm_head.weight`.
+
+A layer whose in_features is not a multiple of the group size is stored with zero
+columns appended up to the next multiple; a forward pre-hook appends zeros to its input,
+so the extra columns contribute exactly nothing. quantization.json lists these layers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZATION_FILE = "quantization.json"
+SAFETENSORS_FILE = "model.safetensors"
+TORCH_FILE = "model.pt"
+
+SCHEMES = (
+    "int4_weight_only",
+    "int8_weight_only",
+    "int8_dynamic_activation_int8_weight",
+    "int8_dynamic_activation_int4_weight",
+    "float8_weight_only",
+)
+GROUPED_SCHEMES = ("int4_weight_only", "int8_dynamic_activation_int4_weight")
+# torchao's PrototypeInt4WeightOnlyConfig (packed int4 on CPU) accepts these; the aten CPU kernel also takes 256
+CPU_INT4_CONFIG_GROUP_SIZES = (32, 64, 128)
+
+
+def quantize_weight(weight: torch.Tensor, scheme: str, groupsize: int | None) -> tuple[torch.Tensor, dict]:
+    """One linear weight [out, in] -> a torchao quantized tensor on weight's device, plus what was used.
+
+    in_features must already be a multiple of groupsize (see pad_in_features). Raises rather
+    than returning the weight unquantized, as torchao's quantize_ silently does.
+    """
+    from torchao.quantization import (
+        Float8WeightOnlyConfig,
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8DynamicActivationIntxWeightConfig,
+        Int8WeightOnlyConfig,
+        PerGroup,
+    )
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+    on_cuda = weight.device.type == "cuda"
+    if scheme == "int4_weight_only" and on_cuda:
+        config = Int4WeightOnlyConfig(group_size=groupsize, int4_packing_format="tile_packed_to_4d")
+        used = {"config": "Int4WeightOnlyConfig", "group_size": groupsize, "packing": "tile_packed_to_4d"}
+    elif scheme == "int4_weight_only" and groupsize in CPU_INT4_CONFIG_GROUP_SIZES:
+        config = PrototypeInt4WeightOnlyConfig(group_size=groupsize)
+        used = {"config": "PrototypeInt4WeightOnlyConfig", "group_size": groupsize, "packing": "int4pack_for_cpu"}
+    elif scheme == "int4_weight_only":
+        used = {
+            "config": "tunemake int4_cpu_weight (PrototypeInt4WeightOnlyConfig's quantization at a group size it rejects)",
+            "group_size": groupsize,
+            "packing": "int4pack_for_cpu",
+            "tensor": "Int4OpaqueTensor",
+        }
+        return int4_cpu_weight(weight, groupsize), used
+    elif scheme == "int8_weight_only":
+        config = Int8WeightOnlyConfig()
+        used = {"config": "Int8WeightOnlyConfig", "granularity": "per_row"}
+    elif scheme == "int8_dynamic_activation_int8_weight":
+        config = Int8DynamicActivationInt8WeightConfig()
+        used = {"config": "Int8DynamicActivationInt8WeightConfig", "granularity": "per_row"}
+    elif scheme == "int8_dynamic_activation_int4_weight":
+        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(groupsize))
+        used = {"config": "Int8DynamicActivationIntxWeightConfig", "weight_dtype": "int4", "group_size": groupsize,
+                "packing": "unpacked_to_int8"}
+    elif scheme == "float8_weight_only":
+        config = Float8WeightOnlyConfig()
+        used = {"config": "Float8WeightOnlyConfig", "weight_dtype": "float8_e4m3fn", "granularity": "per_row"}
+    else:
+        raise ValueError(f"scheme: unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    quantized = _quantize_with_config(weight, config)
+    used["tensor"] = type(quantized).__name__
+    return quantized, used
+
+
+def _quantize_with_config(weight: torch.Tensor, config) -> torch.Tensor:
+    from torchao.quantization import quantize_
+
+    # quantize_ works on modules: lend the weight a throwaway Linear
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    quantize_(linear, config)
+    quantized = linear.weight.detach()
+    if type(quantized) is torch.Tensor:
+        raise RuntimeError(f"torchao {type(config).__name__} left a weight of shape {list(weight.shape)} unquantized")
+    return quantized
+
+
+def int4_cpu_weight(weight: torch.Tensor, groupsize: int) -> torch.Tensor:
+    """Packed int4 for aten._weight_int4pack_mm_for_cpu, for any group size that kernel takes (32..256).
+
+    The same steps as torchao's Int4OpaqueTensor.from_hp (tinygemm asymmetric qparams with a
+    float zero point, the quantization Int4WeightOnlyConfig uses on CUDA), whose assert stops
+    at 128 although the kernel accepts 256. Tests check it equals from_hp bit for bit at 32/64/128.
+    """
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+    from torchao.quantization.quant_primitives import (
+        MappingType,
+        _choose_qparams_affine_tinygemm,
+        _quantize_affine_tinygemm,
+    )
+    from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
+
+    if weight.ndim != 2 or weight.device.type != "cpu" or weight.shape[1] % groupsize:
+        raise ValueError(f"int4_cpu_weight needs a 2-D cpu weight with in_features divisible by {groupsize}, "
+                         f"got {list(weight.shape)} on {weight.device}")
+    block_size = [1, groupsize]
+    scale, zero_point = _choose_qparams_affine_tinygemm(
+        weight, MappingType.ASYMMETRIC, block_size, torch.int32, 0, 15, 1e-6, None, weight.dtype
+    )
+    int_data = _quantize_affine_tinygemm(weight, block_size, scale, zero_point, torch.int32, 0, 15)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(int_data, 1)
+    rows = weight.shape[0]
+    scale_and_zero = pack_tinygemm_scales_and_zeros(scale.reshape(rows, -1), zero_point.reshape(rows, -1), scale.dtype)
+    return Int4OpaqueTensor(qdata=packed, scale_and_zero=scale_and_zero, block_size=block_size, shape=weight.shape)
+
+
+def pad_in_features(weight: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Append zero columns so in_features becomes a multiple of `multiple` (a no-op when it is)."""
+    missing = -weight.shape[1] % multiple
+    return F.pad(weight, (0, missing)) if missing else weight
+
+
+def pad_input_to_weight(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of a padded Linear: zero-extend the input to the stored weight's width."""
+    x = args[0]
+    return (F.pad(x, (0, module.weight.shape[1] - x.shape[-1])),) + tuple(args[1:])
+
+
+def save_quantized_state_dict(state_dict: dict[str, torch.Tensor], folder: Path) -> str:
+    """Writes the weights into folder; returns the file name (safetensors when torchao can flatten them all)."""
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+    from torchao.prototype.safetensors.safetensors_utils import ALLOWED_TENSORS_SUBCLASSES
+
+    flattenable = all(
+        type(t) is torch.Tensor or type(t).__name__ in ALLOWED_TENSORS_SUBCLASSES for t in state_dict.values()
+    )
+    if flattenable:
+        from safetensors.torch import save_file
+
+        tensors, metadata = flatten_tensor_state_dict(state_dict)
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(Path(folder) / SAFETENSORS_FILE), metadata)
+        return SAFETENSORS_FILE
+    torch.save(state_dict, Path(folder) / TORCH_FILE)
+    return TORCH_FILE
+
+
+def load_quantized_state_dict(folder: Path, weights_file: str, device: str | torch.device = "cpu") -> dict:
+    path = Path(folder) / weights_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file named in {QUANTIZATION_FILE} is missing")
+    if weights_file == SAFETENSORS_FILE:
+        from safetensors import safe_open
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            metadata = f.metadata()
+        state_dict, leftover = unflatten_tensor_state_dict(tensors, metadata)
+        if leftover:
+            raise ValueError(f"{path}: tensors not described by its metadata: {', '.join(sorted(leftover))}")
+        return state_dict
+    if weights_file == TORCH_FILE:
+        import torchao.prototype.quantization.int4  # noqa: F401 - registers Int4OpaqueTensor as a safe global
+
+        return torch.load(path, map_location=device, weights_only=True, mmap=True)
+    raise ValueError(f"{Path(folder) / QUANTIZATION_FILE}: unknown weights_file {weights_file!r}")
+
+
+def read_quantization_info(folder: Path) -> dict:
+    path = Path(folder) / QUANTIZATION_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read quantization record: {error}") from None
+
+
+def load_quantized_model(folder, device="cpu", dtype=None):
+    """A Transformer whose linear weights are the torchao tensors stored in folder.
+
+    The compute dtype is the one the checkpoint was quantized for; a different `dtype`
+    is reported on stderr and not applied (its scales and packed weights are tied to it).
+    """
+    from tunemake.models import Transformer, read_config
+
+    folder = Path(folder)
+    info = read_quantization_info(folder)
+    stored_dtype = getattr(torch, info["dtype"])
+    if dtype is not None and dtype != stored_dtype:
+        print(f"tunemake: {folder} is quantized for {info['dtype']}; loading it in {info['dtype']}, not {dtype}",
+              file=sys.stderr)
+    device = torch.device(device)
+    if info["scheme"] == "int4_weight_only" and device.type != torch.device(info["device"]).type:
+        raise ValueError(f"{folder / QUANTIZATION_FILE}: int4 weights are packed for {info['device']}, "
+                         f"cannot load on {device.type}; quantize again with device = \"{device.type}\"")
+    state_dict = load_quantized_state_dict(folder, info["weights_file"], device)
+
+    args = read_config(folder)
+    with torch.device("meta"):
+        model = Transformer(args)
+        if getattr(model, "lm_head", None) is None and "lm_head.weight" in state_dict:
+            model.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+    padded = info.get("padded", {})
+    expected = model.state_dict(keep_vars=True)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{folder / info['weights_file']}: tensors do not match the model in config.json "
+                         f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
+    for name, tensor in state_dict.items():
+        module_name, _, leaf = name.rpartition(".")
+        want = list(expected[name].shape)
+        if module_name in padded:
+            want[1] = padded[module_name]["padded_in_features"]
+        if list(tensor.shape) != want:
+            raise ValueError(f"{folder / info['weights_file']}: tensor {name} has shape {list(tensor.shape)}, "
+                             f"config.json implies {want}")
+        if type(tensor) is torch.Tensor and tensor.is_floating_point():
+            tensor = tensor.to(stored_dtype)
+        setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))
+    for module_name in padded:
+        model.get_submodule(module_name).register_forward_pre_hook(pad_input_to_weight)
+    for name, buffer in model.named_buffers():
+        if buffer.device != device:
+            module_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(module_name), leaf, buffer.to(device))
+    return model.eval()
