@@ -82,3 +82,100 @@ def hf_checkpoint(request, tmp_path):
     model_type, overrides = ARCHITECTURES[request.param]
     folder = tmp_path / request.param
     return folder, make_hf_model(folder, model_type, **overrides)
+
+
+def corpus(lines: int = 1500, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    words = (
+        "the quick brown fox jumps over a lazy dog while tunemake builds quantized checkpoints, "
+        "eval reports and samples: 12 34 567 café naïve über déjà-vu (really?) yes! no... "
+        "Hello World don't it's we're"
+    ).split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 16))) for _ in range(lines)]
+
+
+def train_sentencepiece(folder, vocab_size: int = 400) -> None:
+    """A Llama 2 style sentencepiece BPE (byte fallback, identity normalisation, digits split)."""
+    import io
+
+    import sentencepiece
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+
+
+LLAMA3_STYLE = {
+    "special": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    "bos": "<|begin_of_text|>",
+    "eos": "<|eot_id|>",
+    "chat_template": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+}
+QWEN_STYLE = {
+    "special": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    "bos": None,
+    "eos": "<|im_end|>",
+    "chat_template": (
+        "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+}
+
+
+def train_byte_level_bpe(folder, style: dict, vocab_size: int = 500) -> None:
+    """A byte-level BPE tokenizer.json (+ tokenizer_config.json) in the Llama 3 or Qwen style."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=style["special"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus(), trainer=trainer)
+    if style["bos"]:
+        bos_id = tokenizer.token_to_id(style["bos"])
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{style['bos']} $A", pair=f"{style['bos']} $A {style['bos']} $B", special_tokens=[(style["bos"], bos_id)]
+        )
+    else:
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": style["bos"],
+        "eos_token": style["eos"],
+        "pad_token": style["special"][0] if style["bos"] is None else None,
+        "chat_template": style["chat_template"],
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
