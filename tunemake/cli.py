@@ -31,14 +31,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    # -C/-f are accepted before and after the command; SUPPRESS keeps a subcommand's
+    # defaults from overwriting what was given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-C", "--directory", default=".", help="the project folder (default: .)")
-    common.add_argument("-f", "--file", help="the tunefile (default: DIR/tunefile.toml)")
+    common.add_argument("-C", "--directory", default=argparse.SUPPRESS, help="the project folder (default: .)")
+    common.add_argument("-f", "--file", default=argparse.SUPPRESS, help="the tunefile (default: DIR/tunefile.toml)")
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME.PARAM=VALUE",
                         help="override a param (changes the key), e.g. --set int4.groupsize=128")
 
     parser = argparse.ArgumentParser(prog="tunemake", description="Build LLM artifacts incrementally.")
     parser.add_argument("--version", action="version", version=f"tunemake {__version__}")
+    parser.add_argument("-C", "--directory", default=".", help="the project folder (default: .)")
+    parser.add_argument("-f", "--file", default=None, help="the tunefile (default: DIR/tunefile.toml)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("build", parents=[common], help="build targets (default: the tunefile's `default`)")

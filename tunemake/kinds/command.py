@@ -81,7 +81,8 @@ def run(params: Params, ctx) -> None:
     except OSError as exc:
         raise SystemExit(f"cannot run {argv[0]}: {exc}")
     if code != 0:
-        raise SystemExit(f"command exited with status {code}")
+        print(f"command exited with status {code}", file=sys.stderr, flush=True)
+        raise SystemExit(code if 0 < code < 256 else 1)
     _keep_declared_outs(params.outs, ctx.out)
 
 
