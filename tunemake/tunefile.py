@@ -434,7 +434,7 @@ def _first_error(exc, model: type | None = None) -> tuple[str, str]:
         return fld, f"unknown field (valid fields: {valid})" if valid else "unknown field"
     if err["type"] == "missing":
         return fld, "required field is missing"
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     if "input" in err and err["type"] not in ("value_error",):
         msg += f" (got {err['input']!r})"
     return fld, msg

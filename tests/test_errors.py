@@ -1,0 +1,88 @@
+"""Bad input: exit code 2 and one line naming the file, line, target and field. Never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+GOOD = """
+[target.a]
+kind = "command"
+cmd = "echo a > $TUNEMAKE_OUT/a"
+"""
+
+CASES = {
+    "toml syntax": ('[target.a]\nkind = "command"\ncmd = "x\n', ["tunefile.toml:3", "TOML syntax error"]),
+    "unknown kind": ('[target.a]\nkind = "comand"\n', ["tunefile.toml:2", "target 'a'", "field 'kind'",
+                                                       "unknown kind 'comand'", "command"]),
+    "missing kind": ('[target.a]\ncmd = "x"\n', ["tunefile.toml:1", "target 'a'", "field 'kind'", "missing"]),
+    "unknown param": ('[target.a]\nkind = "command"\ncmd = "x"\ngroupsize = 3\n',
+                      ["tunefile.toml:4", "target 'a'", "field 'groupsize'", "unknown field", "cmd"]),
+    "mistyped param": ('[target.a]\nkind = "command"\ncmd = "x"\ngpus = "two"\n',
+                       ["tunefile.toml:4", "target 'a'", "field 'gpus'", "integer"]),
+    "undefined dep": ('[target.a]\nkind = "command"\ncmd = "x"\ndeps = ["b"]\n[target.bb]\nkind = "command"\ncmd = "x"\n',
+                      ["tunefile.toml:4", "target 'a'", "field 'deps'", "'b' is neither a target nor an existing path",
+                       "did you mean 'bb'"]),
+    "missing source": ('[target.a]\nkind = "command"\ncmd = "x"\ndeps = ["data/none.txt"]\n',
+                       ["tunefile.toml:4", "field 'deps'", "'data/none.txt'"]),
+    "cycle": ('[target.a]\nkind = "command"\ncmd = "x"\ndeps = ["b"]\n'
+              '[target.b]\nkind = "command"\ncmd = "x"\ndeps = ["c"]\n'
+              '[target.c]\nkind = "command"\ncmd = "x"\ndeps = ["a"]\n', ["dependency cycle: ", "a -> b -> c -> a"]),
+    "undefined var": ('[target.a]\nkind = "command"\ncmd = "echo ${vars.nope}"\n',
+                      ["tunefile.toml:3", "field 'cmd'", "${vars.nope} is not defined"]),
+    "bad default": ('default = ["zz"]\n' + GOOD, ["tunefile.toml:1", "field 'default'", "unknown target 'zz'"]),
+    "unknown top-level": ('colour = 1\n' + GOOD, ["tunefile.toml:1", "unknown top-level key"]),
+    "bad outs": ('[target.a]\nkind = "command"\ncmd = "x"\nouts = ["../escape"]\n',
+                 ["tunefile.toml:4", "field 'outs'", "relative path inside the output folder"]),
+    "bad cache link": ('[cache]\nlink = "teleport"\n' + GOOD, ["tunefile.toml:2", "field 'cache.link'"]),
+    "python kind missing module": ('[target.a]\nkind = "python"\nfunction = "no_such_mod:fn"\n',
+                                   ["tunefile.toml:3", "field 'function'", "module 'no_such_mod' not found"]),
+}
+
+
+def _assert_one_line_error(proc, expected):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("tunemake: error: ")
+    for fragment in expected:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_tunefile(project, case):
+    text, expected = CASES[case]
+    project.tunefile(text)
+    for command in (["build"], ["status"]):
+        _assert_one_line_error(project.run(*command, check=False), expected)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["build", "--set", "a"], ["--set 'a'", "NAME.param=value"]),
+    (["build", "--set", "zz.cmd=x"], ["no target 'zz'"]),
+    (["build", "--set", "a.cmdd=x"], ["target 'a'", "field 'cmdd'", "unknown field", "(from --set)"]),
+    (["build", "--set", "a.gpus=lots"], ["field 'gpus'", "(from --set)"]),
+    (["build", "nosuch"], ["unknown target 'nosuch'"]),
+    (["explain", "nosuch"], ["unknown target 'nosuch'"]),
+    (["build", "-j", "0"], ["-j 0"]),
+    (["cache", "gc", "--max-size", "lots"], ["--max-size 'lots'"]),
+])
+def test_bad_command_line(project, args, expected):
+    project.tunefile(GOOD)
+    _assert_one_line_error(project.run(*args, check=False), expected)
+
+
+def test_missing_tunefile(tmp_path):
+    from conftest import Project
+
+    empty = Project(tmp_path / "nowhere")
+    (tmp_path / "nowhere").mkdir()
+    _assert_one_line_error(empty.run("build", check=False), ["tunefile.toml", "no tunefile here"])
+
+
+def test_a_fixed_tunefile_builds_after_an_error(project):
+    project.tunefile('[target.a]\nkind = "command"\ncmd = "x"\ngroupsize = 3\n')
+    assert project.run("build", check=False).returncode == 2
+    project.tunefile(GOOD)
+    project.build()
+    assert project.read("targets/a/a") == "a\n"

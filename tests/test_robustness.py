@@ -1,0 +1,156 @@
+"""kill -9, concurrent builds, and looking after the cache (gc, verify)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO, counted
+
+
+def _spawn_build(project, *args):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "tunemake", "-C", str(project.root), "build", "--plain", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _wait_for(path, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_9_leaves_no_partial_entry_and_no_orphans(project):
+    project.tunefile(f"""
+        [target.slow]
+        kind = "command"
+        cmd = "{counted('slow', 'echo partial > $TUNEMAKE_OUT/out.txt; sleep 300 & echo $! > pids/sleeper; wait')}"
+        """)
+    (project.root / "pids").mkdir()
+    build = _spawn_build(project)
+    _wait_for(project.root / "pids/sleeper")
+    sleeper = int((project.root / "pids/sleeper").read_text())
+    assert _alive(sleeper)
+    os.kill(build.pid, signal.SIGKILL)
+    build.wait()
+    deadline = time.monotonic() + 10
+    while _alive(sleeper) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(sleeper), "the step's children outlived tunemake"
+    assert not list((project.root / ".tunecache/ac").glob("*/*.json")) if (project.root / ".tunecache/ac").exists() else True
+    assert not (project.root / "targets/slow").exists()
+
+    # the next build redoes the step cleanly and sweeps the dead build's working folder
+    project.tunefile(f"""
+        [target.slow]
+        kind = "command"
+        cmd = "{counted('slow', 'echo whole > $TUNEMAKE_OUT/out.txt')}"
+        """)
+    project.build()
+    assert project.read("targets/slow/out.txt") == "whole\n"
+    assert project.runs("slow") == 2
+    assert list((project.root / ".tunecache/tmp").iterdir()) == []
+
+
+def test_two_concurrent_builds_run_each_step_once(project):
+    project.tunefile(f"""
+        [target.a]
+        kind = "command"
+        cmd = "{counted('a', 'sleep 1.5; echo a > $TUNEMAKE_OUT/a')}"
+        [target.b]
+        kind = "command"
+        cmd = "{counted('b', 'cat $TUNEMAKE_DEP_A/a > $TUNEMAKE_OUT/b')}"
+        deps = ["a"]
+        """)
+    first = _spawn_build(project)
+    _wait_for(project.root / "runs/a")
+    second = _spawn_build(project)
+    out1, _ = first.communicate(timeout=60)
+    out2, _ = second.communicate(timeout=60)
+    assert first.returncode == 0, out1
+    assert second.returncode == 0, out2
+    assert project.runs("a") == 1 and project.runs("b") == 1
+    assert "waiting" in out2 and "another tunemake" in out2
+    assert project.read("targets/b/b") == "a\n"
+    assert project.run("cache", "verify").returncode == 0
+
+
+def test_verify_catches_a_corrupt_blob_and_the_target_is_rebuilt(project):
+    project.tunefile(f"""
+        [target.t]
+        kind = "command"
+        cmd = "{counted('t', 'echo precious > $TUNEMAKE_OUT/x.txt')}"
+        """)
+    project.build()
+    entry = json.loads(next((project.root / ".tunecache/ac").glob("*/*.json")).read_text())
+    digest = entry["outputs"]["x.txt"]["digest"]
+    blob = project.root / ".tunecache/cas" / digest[:2] / digest
+    os.chmod(blob, 0o644)
+    blob.write_text("tampered\n")
+    proc = project.run("cache", "verify")
+    assert proc.returncode == 1
+    assert f"corrupt blob {digest[:16]}" in proc.stdout
+    assert not blob.exists()
+    project.run("clean", check=True)
+    project.build()
+    assert project.read("targets/t/x.txt") == "precious\n"
+    assert project.runs("t") == 2
+    assert project.run("cache", "verify").returncode == 0
+
+
+def test_gc_evicts_unneeded_entries_first(project):
+    for value in ("one", "two"):
+        project.tunefile(f"""
+            [target.big]
+            kind = "command"
+            cmd = "head -c 300000 /dev/urandom > $TUNEMAKE_OUT/{value}.bin"
+            """)
+        project.build()
+    # the current tunefile needs "two"; "one" is only a leftover
+    listing = project.run("cache", "ls", check=True).stdout
+    assert "2 entries" in listing
+    proc = project.run("cache", "gc", "--max-size", "400KB", check=True)
+    assert "evicted" in proc.stdout
+    assert "1 entries" in project.run("cache", "ls", check=True).stdout
+    project.run("clean", check=True)
+    out = project.build().stdout
+    assert "restored from cache" in out  # the needed entry survived
+    assert (project.root / "targets/big/two.bin").stat().st_size == 300000
+    # a limit below what the tunefile needs evicts that too
+    project.run("cache", "gc", "--max-size", "1KB", check=True)
+    assert "0 entries" in project.run("cache", "ls", check=True).stdout
+
+
+def test_gc_without_limit_removes_unreferenced_blobs_only(project):
+    project.tunefile("""
+        [target.t]
+        kind = "command"
+        cmd = "echo keep > $TUNEMAKE_OUT/x"
+        """)
+    project.build()
+    stray = project.root / ".tunecache/cas/ff" / ("f" * 64)
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_text("nobody needs me")
+    out = project.run("cache", "gc", check=True).stdout
+    assert "removed 1 blobs" in out
+    assert not stray.exists()
+    project.run("clean", check=True)
+    assert "restored from cache" in project.build().stdout
