@@ -361,7 +361,12 @@ class Transformer(nn.Module):
         """Allocates a static KV cache for `max_seq_len` slots (size it to the request, not the model)."""
         reference = self.model.norm.weight
         dtype = dtype or reference.dtype
-        device = device or reference.device
+        device = torch.device(device or reference.device)
+        cache = self.model.layers[0].self_attn.kv_cache
+        if cache is not None and cache.k.shape[0] == batch_size and self.cache_len == max_seq_len:
+            if cache.k.dtype == dtype and cache.k.device == device:
+                # reuse keeps compiled decode graphs valid; stale slots are always masked out
+                return
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(
                 batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, dtype, device
