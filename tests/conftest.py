@@ -1,62 +1,11 @@
-"""Shared fixtures: a throwaway project folder and the real CLI run in a subprocess."""
-
-from __future__ import annotations
-
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
+"""Shared fixtures for the engine tests."""
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-class Project:
-    """A project folder with a tunefile, driven through `python -m tunemake`."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def write(self, rel: str, text: str) -> Path:
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text))
-        return path
-
-    def tunefile(self, text: str) -> None:
-        self.write("tunefile.toml", text)
-
-    def run(self, *args: str, env: dict | None = None, check: bool | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess:
-        full_env = dict(os.environ)
-        full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
-        full_env.update(env or {})
-        proc = subprocess.run([sys.executable, "-m", "tunemake", "-C", str(self.root), *args],
-                              capture_output=True, text=True, env=full_env, timeout=timeout)
-        if check or (check is None and args and args[0] == "build"):
-            assert proc.returncode == 0, f"tunemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-        return proc
-
-    def build(self, *args: str, **kw) -> subprocess.CompletedProcess:
-        return self.run("build", "--plain", *args, **kw)
-
-    def read(self, rel: str) -> str:
-        return (self.root / rel).read_text()
-
-    def runs(self, name: str) -> int:
-        """How many times a step ran: test commands append a line to runs/NAME."""
-        path = self.root / "runs" / name
-        return len(path.read_text().splitlines()) if path.exists() else 0
+from engine_helpers import Project
 
 
 @pytest.fixture
 def project(tmp_path) -> Project:
     (tmp_path / "runs").mkdir()
     return Project(tmp_path)
-
-
-def counted(name: str, body: str) -> str:
-    """A shell command that records each run of target NAME, then does `body`."""
-    return f"echo run >> runs/{name}; {body}"

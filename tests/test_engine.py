@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from conftest import counted
+from engine_helpers import counted
 
 PIPELINE = f"""
 default = ["report"]

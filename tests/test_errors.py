@@ -73,7 +73,7 @@ def test_bad_command_line(project, args, expected):
 
 
 def test_missing_tunefile(tmp_path):
-    from conftest import Project
+    from engine_helpers import Project
 
     empty = Project(tmp_path / "nowhere")
     (tmp_path / "nowhere").mkdir()

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, counted
+from engine_helpers import REPO, counted
 
 
 def _spawn_build(project, *args):

@@ -122,8 +122,8 @@ def load(path: Path, overrides: list[str] = ()) -> Project:
 
 
 def _watched_files(project: Project) -> list[str]:
-    """Files whose change may change the parse: tunemake's own code, kind code, source paths."""
-    files = {str(p) for p in Path(__file__).parent.rglob("*.py")}
+    """Files whose change may change the parse: the parser, the kinds' code, source paths."""
+    files = {__file__, kinds.__file__}
     for target in project.targets.values():
         files.update(target.code_files)
         files.update(str(project.dir / s) for s in target.sources)
