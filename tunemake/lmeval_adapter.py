@@ -23,8 +23,6 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from tunemake.models.generation import generate
-
 Progress = Callable[[int, int, str], None]
 
 
@@ -55,12 +53,13 @@ class NativeLM(TemplateLM):
         self.report_progress = progress or (lambda done, total, message: None)
         self._device = next(model.parameters()).device
         self._bos_text = tokenizer.decode([tokenizer.bos_id]) if tokenizer.bos_id is not None else None
+        self._eot_id = _main_eos_id(tokenizer)
         self._stop_token_cache: dict[tuple[str, ...], set[int]] = {}
 
     # ---- tokenization -------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
-        return self.native_tokenizer.eos_id
+        return self._eot_id
 
     @property
     def prefix_token_id(self) -> int:
@@ -78,7 +77,7 @@ class NativeLM(TemplateLM):
         return self.native_tokenizer.encode(string, add_bos=add_special_tokens)
 
     def tok_decode(self, tokens: list[int]) -> str:
-        return self.native_tokenizer.decode(tokens)
+        return self.native_tokenizer.decode(tokens, skip_special_tokens=True)
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         return getattr(self.native_tokenizer, "chat_template", None) if chat_template else None
@@ -156,6 +155,8 @@ class NativeLM(TemplateLM):
     # ---- generation ---------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Batched generation per distinct gen_kwargs, longest prompts first, cut at stop strings."""
+        from tunemake.models.generation import generate
+
         groups: dict[str, list[int]] = defaultdict(list)
         for index, request in enumerate(requests):
             groups[json.dumps(request.args[1], sort_keys=True, default=str)].append(index)
@@ -182,7 +183,9 @@ class NativeLM(TemplateLM):
                     **sampling,
                 )
                 for i, completion in zip(chunk, completions):
-                    tokens = [t for t in completion.tokens if t not in self.native_tokenizer.eos_ids]
+                    tokens = completion.tokens
+                    if completion.stop_token is not None and completion.stop_token not in self.native_tokenizer.eos_ids:
+                        tokens = tokens + [completion.stop_token]  # its text may begin before the stop string
                     text = postprocess_generated_text(self.tok_decode(tokens), stop=until, think_end_token=None)
                     outputs[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
@@ -198,10 +201,20 @@ class NativeLM(TemplateLM):
         """
         key = tuple(sorted(s for s in stops if s and "\ufffd" not in s))
         if key not in self._stop_token_cache:
-            decode = self.native_tokenizer.decode
             vocab = range(self.native_tokenizer.vocab_size)
-            self._stop_token_cache[key] = {t for t in vocab if any(s in decode([t]) for s in key)} if key else set()
+            self._stop_token_cache[key] = {t for t in vocab if any(s in self.tok_decode([t]) for s in key)} if key else set()
         return self._stop_token_cache[key]
+
+
+def _main_eos_id(tokenizer) -> int:
+    """The id of the tokenizer config's eos_token (what HF calls eos_token_id), else the smallest eos id."""
+    eos_text = tokenizer.special_tokens.get("eos_token")
+    ids = tokenizer.encode(eos_text, add_bos=False) if eos_text else []
+    if len(ids) == 1 and ids[0] in tokenizer.eos_ids:
+        return ids[0]
+    if not tokenizer.eos_ids:
+        raise ValueError(f"{tokenizer.source}: the tokenizer has no end-of-sequence token")
+    return min(tokenizer.eos_ids)
 
 
 def _sampling_options(gen_kwargs: dict) -> dict:
