@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,8 +64,8 @@ class Engine:
     def components(self, name: str, trees: dict[str, str]) -> dict:
         return keys.components(self.project, self.project.targets[name], trees, self.hasher)
 
-    def check_current(self, name: str, key: str) -> str | None:
-        """'up to date' if targets/NAME holds this key's outputs untouched, else None.
+    def check_current(self, name: str, key: str) -> dict | None:
+        """The target's state if targets/NAME holds this key's outputs untouched, else None.
 
         A materialized file that changed under us is checked against its blob: with
         hardlinks an in-place edit reaches the blob too, and a corrupt blob is dropped.
@@ -75,7 +76,7 @@ class Engine:
         record = state.get("materialized", {})
         changed = self.store.intact(record, self.project.output_dir(name))
         if not changed:
-            return "up to date"
+            return state
         for rel in changed:
             if record[rel][3] == "link":
                 digest = state["outputs"][rel]["digest"]
@@ -146,9 +147,8 @@ class Engine:
             if name in force:
                 outcome.status[name], outcome.reasons[name] = "stale", ["forced (-B)"]
                 continue
-            current = self.check_current(name, key)
-            if current:
-                outcome.status[name] = current
+            if self.check_current(name, key):
+                outcome.status[name] = "up to date"
                 trees[name] = state["tree"]
                 continue
             entry = self.store.get_action(key)
@@ -232,7 +232,10 @@ class _Scheduler:
         self.all_gpus = keys.visible_gpus()
         self.free_gpus = list(self.all_gpus)
         self.stop_scheduling = False
-        self.dependents = dependents(self.project)
+        selected = set(order)
+        self.dependents = {n: [d for d in ds if d in selected] for n, ds in dependents(self.project).items()}
+        self.unfinished = {n: len(self.project.targets[n].target_deps) for n in order}
+        self.decidable = deque(n for n in order if self.unfinished[n] == 0)
 
     def run(self) -> Outcome:
         self.reporter.start(self.order)
@@ -241,7 +244,7 @@ class _Scheduler:
                 self._decide_ready_targets()
                 self._start_steps()
                 self._poll_steps()
-                if not self.running and not self.ready and not self._decidable():
+                if not self.running and not self.ready and (self.stop_scheduling or not self.decidable):
                     break
                 if self.running or self.ready:
                     self.reporter.tick()
@@ -265,14 +268,19 @@ class _Scheduler:
             self.outcome.status[name] = status
         self.reporter.update(name, status, detail)
 
-    def _decidable(self) -> list[str]:
-        if self.stop_scheduling:
-            return []
-        return [n for n in self.order if self.state[n] == "pending"
-                and all(self.state[d] in ("up to date", "cached", "done") for d in self.project.targets[n].target_deps)]
+    def _succeeded(self, name: str, tree: str, status: str, detail: str = "") -> None:
+        """A target's output is known: its dependents may now be decided."""
+        self.trees[name] = tree
+        self._set(name, status, detail)
+        for dependent in self.dependents.get(name, ()):
+            if dependent in self.unfinished:
+                self.unfinished[dependent] -= 1
+                if self.unfinished[dependent] == 0:
+                    self.decidable.append(dependent)
 
     def _decide_ready_targets(self) -> None:
-        for name in self._decidable():
+        while self.decidable and not self.stop_scheduling:
+            name = self.decidable.popleft()
             parts = self.engine.components(name, self.trees)
             key = keys.key_of(parts)
             forced = self.options.no_cache or name in self.options.force
@@ -285,15 +293,13 @@ class _Scheduler:
                                           keys.explain(last and last.get("components"), parts))
 
     def _reuse(self, name: str, key: str, parts: dict) -> bool:
-        current = self.engine.check_current(name, key)
-        if current:
-            self.trees[name] = self.engine.store.get_state(name)["tree"]
-            self._set(name, "up to date")
+        state = self.engine.check_current(name, key)
+        if state:
+            self._succeeded(name, state["tree"], "up to date")
             return True
         entry = self.engine.store.get_action(key)
         if entry is not None and self.engine.restore(name, key, parts, entry):
-            self.trees[name] = entry["tree"]
-            self._set(name, "cached", f"built {_ago(entry.get('finished'))}")
+            self._succeeded(name, entry["tree"], "cached", f"built {_ago(entry.get('finished'))}")
             return True
         return False
 
@@ -349,9 +355,8 @@ class _Scheduler:
                 if code == 0:
                     entry = self.engine.finish(step, key, parts)
                     self.engine.restore(name, key, parts, entry)
-                    self.trees[name] = entry["tree"]
                     os.replace(step.log, log_copy)
-                    self._set(name, "done", f"{entry['duration']:.1f}s")
+                    self._succeeded(name, entry["tree"], "done", f"{entry['duration']:.1f}s")
                 else:
                     os.replace(step.log, log_copy)
                     self._fail(name, f"exit status {code}, log: {_rel(log_copy)}", log_copy)

@@ -44,6 +44,7 @@ def code_digests(target: Target, hasher: StatCache) -> dict[str, str]:
     return {_code_label(f): hasher.file(Path(f)) for f in target.code_files}
 
 
+@lru_cache(maxsize=None)
 def _code_label(path: str) -> str:
     """A path that does not depend on where tunemake is installed: from the top-level package down."""
     p = Path(path)

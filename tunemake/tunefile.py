@@ -113,7 +113,7 @@ def load(path: Path, overrides: list[str] = ()) -> Project:
     neither pydantic nor the kind modules (their import dominates start-up)."""
     text = _read(path)
     cache_file = path.parent / PARSE_CACHE
-    signature = digest_json([PARSE_FORMAT, sys.executable, path.name, text, list(overrides)])
+    signature = digest_json([PARSE_FORMAT, sys.prefix, path.name, text, list(overrides)])
     project = _cached_parse(cache_file, signature, path)
     if project is None:
         project = _parse(path, text, list(overrides))
