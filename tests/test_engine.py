@@ -395,3 +395,18 @@ def test_no_op_never_imports_torch(project):
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert "tunemake.cli" in imported
     assert not imported & {"torch", "torchao", "lm_eval", "transformers", "pydantic", "rich"}
+
+
+def test_reference_to_a_path_inside_a_target_output(project):
+    project.tunefile("""
+        [target.data]
+        kind = "command"
+        cmd = "mkdir -p $TUNEMAKE_OUT/task && echo q > $TUNEMAKE_OUT/task/q.txt"
+        [target.use]
+        kind = "command"
+        cmd = "cat {deps.data}/task/q.txt > $TUNEMAKE_OUT/got"
+        deps = ["data/task/q.txt"]
+        """)
+    assert "data" in project.run("graph", check=True).stdout
+    project.build("use")
+    assert project.read("targets/use/got") == "q\n"

@@ -359,13 +359,16 @@ def _resolve(fname, locate, project_dir: Path, name: str, kind, model, targets, 
                     gpus=int(kind.resources(model).get("gpus", 0) or 0))
     key_params = model.model_dump(mode="json")
     child_params = dict(key_params)
+    # What validate() sees: matrix families expanded to their members, paths inside
+    # other targets' outputs left out (they exist only once those targets are built).
+    view: dict[str, list] = {}
     for fld in kind.inputs + kind.optional_inputs:
         value = key_params.get(fld)
         if value is None:
             continue
         required = fld in kind.inputs
         values = value if isinstance(value, list) else [value]
-        key_vals, child_vals = [], []
+        key_vals, child_vals, view_vals = [], [], []
         for item in values:
             if not isinstance(item, str):
                 raise located(fname, locate.key(f"target.{family}", fld), target.name, fld,
@@ -380,6 +383,18 @@ def _resolve(fname, locate, project_dir: Path, name: str, kind, model, targets, 
                         target.target_deps.append(dep)
                     key_vals.append(f"target:{dep}")
                     child_vals.append(str(project_dir / "targets" / dep))
+                    view_vals.append(dep)
+                continue
+            owner, slash, inside = item.partition("/")
+            if slash and owner in targets and inside and ".." not in inside.split("/"):
+                # a path inside another target's output, e.g. tasks = ["data/task"]
+                if owner == name:
+                    raise located(fname, locate.key(f"target.{family}", fld), name, fld,
+                                  "a target cannot depend on itself")
+                if owner not in target.target_deps:
+                    target.target_deps.append(owner)
+                key_vals.append(f"target:{item}")
+                child_vals.append(str(project_dir / "targets" / owner / inside))
                 continue
             source = _source_path(project_dir, item)
             if source is not None:
@@ -387,6 +402,7 @@ def _resolve(fname, locate, project_dir: Path, name: str, kind, model, targets, 
                     target.sources.append(source)
                 key_vals.append(f"path:{source}")
                 child_vals.append(str(project_dir / source))
+                view_vals.append(item)
             elif required:
                 hint = _did_you_mean(item, list(targets) + list(groups))
                 raise located(fname, locate.key(f"target.{family}", fld), target.name, fld,
@@ -394,8 +410,10 @@ def _resolve(fname, locate, project_dir: Path, name: str, kind, model, targets, 
             else:
                 key_vals.append(item)
                 child_vals.append(item)
+                view_vals.append(item)
         if isinstance(value, list):
             key_params[fld], child_params[fld] = key_vals, child_vals
+            view[fld] = view_vals
         else:
             key_params[fld], child_params[fld] = key_vals[0], child_vals[0]
     target.key_params = key_params
@@ -404,7 +422,8 @@ def _resolve(fname, locate, project_dir: Path, name: str, kind, model, targets, 
 
     if kind.validate is not None:
         try:
-            kind.validate(model, project_dir)
+            # validate() checks what exists now; outputs of targets appear only when built
+            kind.validate(model.model_copy(update=view), project_dir)
         except ValueError as exc:
             fld, _, msg = str(exc).partition(": ")
             if not msg:
