@@ -60,27 +60,38 @@ class PlainReporter:
 
 
 class LiveReporter:
-    """A rich live table: every target with its state, elapsed time and the step's own progress."""
+    """A rich live table: every target with its state, elapsed time and the step's own progress.
+
+    rich is imported and the view started only once there is work to show, so a no-op
+    build on a terminal costs no more than one in CI.
+    """
 
     def __init__(self):
-        from rich.console import Console
-        from rich.live import Live
-
-        self.console = Console()
         self.rows: dict[str, dict] = {}
-        self.live = Live(console=self.console, refresh_per_second=8, transient=False)
+        self.live = None
+        self.console = None
+
+    def _ensure_live(self) -> None:
+        if self.live is None:
+            from rich.console import Console
+            from rich.live import Live
+
+            self.console = Console()
+            self.live = Live(console=self.console, refresh_per_second=8, transient=False)
+            self.live.start()
 
     def start(self, names: list[str]) -> None:
         for name in names:
             self.rows[name] = {"status": "queued", "detail": "", "since": None, "progress": None}
-        self.live.start()
-        self.live.update(self._render())
 
     def update(self, name: str, status: str, detail: str = "") -> None:
         row = self.rows.setdefault(name, {"status": status, "detail": "", "since": None, "progress": None})
         row.update(status=status, detail=detail)
         if status == "running":
             row["since"] = time.monotonic()
+        if status in ("queued", "up to date") and self.live is None:
+            return
+        self._ensure_live()
         self.live.update(self._render())
 
     def progress(self, name: str, p: dict) -> None:
@@ -88,14 +99,17 @@ class LiveReporter:
             self.rows[name]["progress"] = p
 
     def message(self, text: str) -> None:
+        self._ensure_live()
         self.console.print(text, markup=False, highlight=False)
 
     def tick(self) -> None:
-        self.live.update(self._render())
+        if self.live is not None:
+            self.live.update(self._render())
 
     def stop(self) -> None:
-        self.live.update(self._render())
-        self.live.stop()
+        if self.live is not None:
+            self.live.update(self._render())
+            self.live.stop()
 
     def _render(self):
         from rich.table import Table
