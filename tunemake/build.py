@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ class Options:
     force: set[str] = field(default_factory=set)  # rebuild these even if cached
     no_cache: bool = False  # rebuild every selected target
     dry_run: bool = False
+    pull_only: bool = False  # restore from the caches, run nothing (`tunemake cache pull`)
 
 
 @dataclass
@@ -52,10 +54,50 @@ class Outcome:
 
 
 class Engine:
-    def __init__(self, project: Project):
+    def __init__(self, project: Project, remote=None):
         self.project = project
         self.store = Store(project.cache_dir, project.link)
         self.hasher = StatCache(project.cache_dir / "stat.json")
+        self.remote = remote  # tunemake.remote.Remote, or None
+        self.warn = lambda text: print(text, file=sys.stderr, flush=True)
+        self._warned: set[str] = set()
+
+    def _warn_once(self, text: str) -> None:
+        if text not in self._warned:
+            self._warned.add(text)
+            self.warn(f"warning: {text}")
+
+    # -- the remote cache -------------------------------------------------------
+    def pull(self, name: str, key: str) -> dict | None:
+        """Look for a key in the remote cache; verified blobs go into the local store."""
+        if self.remote is None or self.remote.broken:
+            return None
+        from tunemake.remote import RemoteError, action_blobs
+
+        try:
+            entry = self.remote.get_action(key)
+            if entry is None:
+                return None
+            corrupt = self.remote.fetch(self.store, action_blobs(entry))
+        except RemoteError as exc:
+            self._warn_once(f"{exc}; building locally")
+            return None
+        if corrupt:
+            self._warn_once(f"remote cache: {len(corrupt)} blob(s) of {name} failed verification "
+                            f"(corrupt or tampered, e.g. {corrupt[0][:16]}); rebuilding {name}")
+            return None
+        self.store.put_action(key, entry)
+        return entry
+
+    def publish(self, key: str, entry: dict) -> None:
+        if self.remote is None or self.remote.read_only or self.remote.broken:
+            return
+        from tunemake.remote import RemoteError
+
+        try:
+            self.remote.publish(self.store, key, entry)
+        except RemoteError as exc:
+            self._warn_once(f"{exc}; the result stays in the local cache only")
 
     def close(self) -> None:
         self.hasher.close()
@@ -152,9 +194,13 @@ class Engine:
                 trees[name] = state["tree"]
                 continue
             entry = self.store.get_action(key)
-            if entry is not None and self.store.action_complete(entry):
+            if (entry is None or not self.store.action_complete(entry)) and self.remote is not None:
+                entry = self._remote_entry(key)
+            if entry is not None and (entry.get("remote") or self.store.action_complete(entry)):
                 outcome.status[name] = "cached"
-                if state and state.get("key") == key:
+                if entry.get("remote"):
+                    outcome.reasons[name] = ["in the remote cache"]
+                elif state and state.get("key") == key:
                     outcome.reasons[name] = ["outputs in targets/ were deleted or edited"]
                 else:
                     outcome.reasons[name] = keys.explain(state and state.get("components"), parts)
@@ -166,6 +212,18 @@ class Engine:
                 outcome.status[name] = "stale"
                 outcome.reasons[name] = keys.explain(state.get("components"), parts) or ["cache entry missing"]
         return outcome
+
+    def _remote_entry(self, key: str) -> dict | None:
+        from tunemake.remote import RemoteError
+
+        if self.remote.broken:
+            return None
+        try:
+            entry = self.remote.get_action(key)
+        except RemoteError as exc:
+            self._warn_once(str(exc))
+            return None
+        return entry and {**entry, "remote": True}
 
     # -- building ---------------------------------------------------------------
     def build(self, roots: list[str], options: Options, reporter) -> Outcome:
@@ -238,6 +296,7 @@ class _Scheduler:
         self.decidable = deque(n for n in order if self.unfinished[n] == 0)
 
     def run(self) -> Outcome:
+        self.engine.warn = self.reporter.message
         self.reporter.start(self.order)
         try:
             while True:
@@ -286,6 +345,9 @@ class _Scheduler:
             forced = self.options.no_cache or name in self.options.force
             if not forced and self._reuse(name, key, parts):
                 continue
+            if self.options.pull_only:
+                self._set(name, "skipped", "in no cache")
+                continue
             self.state[name] = "queued"
             self.ready.append((name, key, parts))
             last = self.engine.store.get_state(name)
@@ -298,8 +360,11 @@ class _Scheduler:
             self._succeeded(name, state["tree"], "up to date")
             return True
         entry = self.engine.store.get_action(key)
+        where = ""
+        if entry is None or not self.engine.store.action_complete(entry):
+            entry, where = self.engine.pull(name, key), " (from the remote cache)"
         if entry is not None and self.engine.restore(name, key, parts, entry):
-            self._succeeded(name, entry["tree"], "cached", f"built {_ago(entry.get('finished'))}")
+            self._succeeded(name, entry["tree"], "cached", f"built {_ago(entry.get('finished'))}{where}")
             return True
         return False
 
@@ -355,6 +420,7 @@ class _Scheduler:
                 if code == 0:
                     entry = self.engine.finish(step, key, parts)
                     self.engine.restore(name, key, parts, entry)
+                    self.engine.publish(key, entry)
                     os.replace(step.log, log_copy)
                     self._succeeded(name, entry["tree"], "done", f"{entry['duration']:.1f}s")
                 else:

@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("-f", "--file", default=argparse.SUPPRESS, help="the tunefile (default: DIR/tunefile.toml)")
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME.PARAM=VALUE",
                         help="override a param (changes the key), e.g. --set int4.groupsize=128")
+    common.add_argument("--remote", default=None, metavar="URL",
+                        help="shared cache, e.g. s3://bucket/prefix or file:///ci/cache (env TUNEMAKE_REMOTE)")
+    common.add_argument("--no-push", action="store_true", help="use the remote cache but never publish to it")
 
     parser = argparse.ArgumentParser(prog="tunemake", description="Build LLM artifacts incrementally.")
     parser.add_argument("--version", action="version", version=f"tunemake {__version__}")
@@ -89,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_cache_gc)
     c = csub.add_parser("verify", parents=[common], help="re-hash every blob; drop corrupt ones")
     c.set_defaults(func=cmd_cache_verify)
+    c = csub.add_parser("push", parents=[common], help="publish built targets to the remote cache")
+    c.add_argument("targets", nargs="*")
+    c.set_defaults(func=cmd_cache_push)
+    c = csub.add_parser("pull", parents=[common], help="restore targets from the remote cache, running nothing")
+    c.add_argument("targets", nargs="*")
+    c.set_defaults(func=cmd_cache_pull)
     return parser
 
 
@@ -106,7 +115,18 @@ def _engine(args):
     from tunemake.build import Engine
 
     project = _project(args)
-    return project, Engine(project)
+    return project, Engine(project, _remote(args, project))
+
+
+def _remote(args, project):
+    """The remote cache: --remote, else $TUNEMAKE_REMOTE, else [cache] remote in the tunefile."""
+    url = getattr(args, "remote", None) or os.environ.get("TUNEMAKE_REMOTE") or project.remote.get("url")
+    if not url:
+        return None
+    from tunemake.remote import Remote
+
+    read_only = bool(getattr(args, "no_push", False) or project.remote.get("read_only"))
+    return Remote(url, read_only=read_only, options=project.remote.get("options") or {})
 
 
 def _roots(project, names: list[str]) -> list[str]:
@@ -344,6 +364,50 @@ def cmd_cache_verify(args) -> int:
         print(f"dropped cache entry {key[:16]} ({target}): it needed a removed blob; the next build redoes it")
     print(f"checked {result['checked']} blobs: {len(result['corrupt'])} corrupt")
     return 1 if result["corrupt"] else 0
+
+
+def cmd_cache_push(args) -> int:
+    from tunemake.remote import RemoteError
+
+    project, engine = _engine(args)
+    if engine.remote is None:
+        raise UserError("cache push: no remote cache (use --remote URL, TUNEMAKE_REMOTE or [cache] remote)")
+    if engine.remote.read_only:
+        raise UserError(f"cache push: {engine.remote.url} is read-only here ([cache] read_only or --no-push)")
+    names = project.expand(args.targets) if args.targets else list(project.targets)
+    pushed = blobs = 0
+    for name in names:
+        state = engine.store.get_state(name)
+        entry = state and engine.store.get_action(state["key"])
+        if not entry:
+            print(f"  {name}: not built (or evicted from the local cache): skipped")
+            continue
+        try:
+            blobs += engine.remote.publish(engine.store, state["key"], entry)
+        except RemoteError as exc:
+            print(f"tunemake: error: {exc}", file=sys.stderr)
+            return 1
+        pushed += 1
+    print(f"pushed {pushed} target{'s' * (pushed != 1)} ({blobs} new blobs) to {engine.remote.url}")
+    return 0
+
+
+def cmd_cache_pull(args) -> int:
+    from tunemake.build import Options
+    from tunemake.progress import PlainReporter
+
+    project, engine = _engine(args)
+    if engine.remote is None:
+        raise UserError("cache pull: no remote cache (use --remote URL, TUNEMAKE_REMOTE or [cache] remote)")
+    try:
+        outcome = engine.build(_roots(project, args.targets), Options(pull_only=True, keep_going=True),
+                               PlainReporter())
+    finally:
+        engine.close()
+    missing = [n for n, s in outcome.status.items() if s == "skipped"]
+    print(f"pulled {outcome.count('cached')}, {outcome.count('up to date')} already up to date"
+          + (f", {len(missing)} in no cache: {', '.join(missing)}" if missing else ""))
+    return 0 if not missing else 1
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 TUNEFILE = "tunefile.toml"
 PARSE_CACHE = ".tunecache/tunefile.parsed.json"
-PARSE_FORMAT = 1
+PARSE_FORMAT = 2
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 INTERP_RE = re.compile(r"\$\{(vars|matrix)\.([A-Za-z0-9_\-]+)\}")
 
@@ -41,6 +41,9 @@ def _cache_config_model():
         # auto: reflink where the filesystem can, else read-only hardlinks for large
         # files and copies for small ones (small outputs are the ones people edit).
         link: Literal["auto", "reflink", "hardlink", "copy"] = "auto"
+        remote: str | None = None  # a shared cache: s3://bucket/prefix, file:///ci/cache, any fsspec URL
+        read_only: bool = False  # pull from the remote but never publish (untrusted writers, e.g. PR CI)
+        remote_options: dict[str, Any] = {}  # passed to fsspec, e.g. {endpoint_url = "http://minio:9000"}
 
     return CacheConfig
 
@@ -73,6 +76,7 @@ class Project:
     cache_subdir: str
     link: str
     vars: dict[str, Any]
+    remote: dict = field(default_factory=dict)  # url, read_only, options (from [cache])
 
     @property
     def cache_dir(self) -> Path:
@@ -149,7 +153,8 @@ def _cached_parse(cache_file: Path, signature: str, path: Path) -> Project | Non
         return None
     p = data["project"]
     targets = {name: Target(**t) for name, t in p["targets"].items()}
-    return Project(path, path.parent, targets, p["default"], p["groups"], p["cache_subdir"], p["link"], p["vars"])
+    return Project(path, path.parent, targets, p["default"], p["groups"], p["cache_subdir"], p["link"], p["vars"],
+                   p["remote"])
 
 
 def _save_parse(cache_file: Path, signature: str, project: Project) -> None:
@@ -157,7 +162,7 @@ def _save_parse(cache_file: Path, signature: str, project: Project) -> None:
     data = {"signature": signature, "watched": watched, "project": {
         "targets": {name: asdict(t) for name, t in project.targets.items()}, "default": project.default,
         "groups": project.groups, "cache_subdir": project.cache_subdir, "link": project.link,
-        "vars": project.vars}}
+        "vars": project.vars, "remote": project.remote}}
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
@@ -240,7 +245,8 @@ def _parse(path: Path, text: str, overrides: list[str]) -> Project:
         default = [default]
     if not isinstance(default, list) or not all(isinstance(d, str) for d in default):
         raise located(fname, locate.top("default"), None, "default", "must be a list of target names")
-    project = Project(path, project_dir, targets, [], groups, cache.dir, cache.link, variables)
+    remote = {"url": cache.remote, "read_only": cache.read_only, "options": cache.remote_options}
+    project = Project(path, project_dir, targets, [], groups, cache.dir, cache.link, variables, remote)
     for name in default:
         if name not in targets and name not in groups:
             raise located(fname, locate.top("default"), None, "default",

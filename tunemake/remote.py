@@ -1,0 +1,177 @@
+"""A shared remote cache through fsspec: s3://, gs://, file://, any fsspec URL.
+
+Same layout as the local store (`ac/` action entries, `cas/` blobs by digest). Nothing from
+the remote is trusted: every blob is re-hashed before it enters the local store, manifest
+paths are checked, and any failure degrades to a local build with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+from tunemake.errors import UserError
+from tunemake.hashing import hash_file
+from tunemake.store import Store
+
+TRANSFER_THREADS = 8
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure"}
+
+
+class RemoteError(Exception):
+    """The remote could not be reached or answered nonsense: build locally instead."""
+
+
+class Remote:
+    def __init__(self, url: str, read_only: bool = False, options: dict | None = None):
+        self.url = url.rstrip("/")
+        self.read_only = read_only
+        self.options = options or {}
+        self._fs = None
+        self.root = ""
+        self.broken: str | None = None  # after the first network failure we stop trying
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            import fsspec
+
+            try:
+                self._fs, self.root = fsspec.core.url_to_fs(self.url, **self.options)
+            except ImportError as exc:
+                scheme = self.url.split("://", 1)[0]
+                extra = EXTRAS.get(scheme)
+                hint = f"pip install 'tunemake[{extra}]'" if extra else f"install the fsspec backend for {scheme}://"
+                raise UserError(f"remote cache {self.url}: {exc} ({hint})") from None
+            except ValueError as exc:
+                raise UserError(f"remote cache {self.url}: {exc}") from None
+        return self._fs
+
+    def _path(self, *parts: str) -> str:
+        self.fs  # noqa: B018 - resolves self.root on first use
+        return posixpath.join(self.root, *parts)
+
+    def _guard(self, what: str, fn, missing_ok: bool = False):
+        if self.broken:
+            raise RemoteError(self.broken)
+        try:
+            return fn()
+        except (UserError, RemoteError):
+            raise
+        except FileNotFoundError:
+            if missing_ok:
+                raise
+            self.broken = f"remote cache {self.url} unavailable ({what}: file not found)"
+            raise RemoteError(self.broken) from None
+        except Exception as exc:  # network, auth, throttling: all mean "build locally"
+            self.broken = f"remote cache {self.url} unavailable ({what}: {type(exc).__name__}: {exc})"
+            raise RemoteError(self.broken) from None
+
+    # -- actions --------------------------------------------------------------
+    def get_action(self, key: str) -> dict | None:
+        path = self._path("ac", key[:2], f"{key}.json")
+        try:
+            raw = self._guard("read action", lambda: self.fs.cat_file(path), missing_ok=True)
+        except FileNotFoundError:
+            return None
+        try:
+            entry = json.loads(raw)
+            check_manifest(entry)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RemoteError(f"remote cache entry {key[:16]} is malformed: {exc}") from None
+        return entry
+
+    def put_action(self, key: str, entry: dict) -> None:
+        data = json.dumps(entry, sort_keys=True).encode()
+        folder = self._path("ac", key[:2])
+        self._guard("write action", lambda: self.fs.makedirs(folder, exist_ok=True))
+        self._guard("write action", lambda: self.fs.pipe_file(posixpath.join(folder, f"{key}.json"), data))
+
+    # -- blobs ----------------------------------------------------------------
+    def fetch(self, store: Store, digests: list[str], on_bytes=None) -> list[str]:
+        """Download the blobs the local store lacks, verifying each; returns the corrupt ones."""
+        missing = sorted({d for d in digests if not store.has_blob(d)})
+        if not missing:
+            return []
+        staging = store.new_tmp_dir("pull")
+        corrupt: list[str] = []
+
+        def one(digest: str) -> None:
+            local = staging / digest
+            self._guard("download", lambda: self.fs.get_file(self._path("cas", digest[:2], digest), str(local)))
+            if hash_file(local) != digest:
+                local.unlink()
+                corrupt.append(digest)
+                return
+            if on_bytes:
+                on_bytes(local.stat().st_size)
+            store.ingest(local, digest, executable=False)
+
+        try:
+            _parallel(one, missing)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return corrupt
+
+    def push(self, store: Store, digests: list[str], executable: dict[str, bool] | None = None) -> int:
+        """Upload blobs the remote lacks; returns how many were sent."""
+        if self.read_only:
+            return 0
+        sent = []
+
+        def one(digest: str) -> None:
+            target = self._path("cas", digest[:2], digest)
+            if self._guard("stat", lambda: self.fs.exists(target)):
+                return
+            tmp = f"{target}.tmp-{os.getpid()}"
+            self._guard("upload", lambda: self.fs.makedirs(posixpath.dirname(target), exist_ok=True))
+            self._guard("upload", lambda: self.fs.put_file(str(store.blob_path(digest)), tmp))
+            self._guard("upload", lambda: self.fs.mv(tmp, target))
+            sent.append(digest)
+
+        _parallel(one, sorted(set(digests)))
+        return len(sent)
+
+    def publish(self, store: Store, key: str, entry: dict) -> int:
+        """Blobs first, then the action entry: a reader never sees an entry whose blobs are missing."""
+        if self.read_only:
+            return 0
+        sent = self.push(store, action_blobs(entry))
+        self.put_action(key, entry)
+        return sent
+
+
+def action_blobs(entry: dict) -> list[str]:
+    blobs = [e["digest"] for e in entry["outputs"].values()]
+    if entry.get("log"):
+        blobs.append(entry["log"])
+    return blobs
+
+
+def check_manifest(entry: dict) -> None:
+    """Refuse manifests that would write outside the target's folder."""
+    outputs = entry["outputs"]
+    if not isinstance(outputs, dict):
+        raise ValueError("outputs is not a table")
+    for rel, e in outputs.items():
+        parts = rel.split("/")
+        if rel.startswith("/") or "\\" in rel or ".." in parts or "" in parts or rel.startswith("~"):
+            raise ValueError(f"unsafe output path {rel!r}")
+        digest = e["digest"]
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(f"bad digest for {rel!r}")
+        if not isinstance(e["size"], int) or e["size"] < 0:
+            raise ValueError(f"bad size for {rel!r}")
+
+
+def _parallel(fn, items: list[str]) -> None:
+    if len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=min(TRANSFER_THREADS, len(items))) as pool:
+        for future in [pool.submit(fn, item) for item in items]:
+            future.result()
