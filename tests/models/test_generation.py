@@ -87,3 +87,21 @@ def test_bad_requests_are_clear_errors(tmp_path):
         generate(model, [[1, 128]], max_new_tokens=4)
     with pytest.raises(ValueError, match="top_p must be in"):
         generate(model, [[1]], max_new_tokens=4, temperature=1.0, top_p=0)
+
+
+def test_compiled_decode_matches_eager(tmp_path, monkeypatch):
+    """The decode step traces as one graph (fullgraph=True) and computes the same tokens.
+
+    aot_eager checks our side (capture, in-place cache writes) in seconds; inductor's code
+    generation, which takes ~30 s here, is exercised by bench/bench_models.py --compile.
+    """
+    import tunemake.models.generation as generation
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend="aot_eager", **kwargs))
+    monkeypatch.setattr(generation, "_compiled_decode_step", None)
+    make_hf_model(tmp_path, "llama", num_hidden_layers=1)
+    model = load_model(tmp_path)
+    eager = [c.tokens for c in generate(model, PROMPTS[:2], max_new_tokens=8)]
+    compiled = [c.tokens for c in generate(model, PROMPTS[:2], max_new_tokens=8, compile=True)]
+    assert compiled == eager

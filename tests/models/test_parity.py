@@ -40,6 +40,31 @@ def test_kv_cache_steps_match_full_forward(hf_checkpoint):
 
 
 @torch.no_grad()
+def test_static_shape_cache_path_matches(hf_checkpoint, monkeypatch):
+    """Under torch.compile the model attends over the whole cache with a mask; same logits."""
+    folder, hf_model = hf_checkpoint
+    tokens = random_tokens(2, 12)
+    expected = hf_model(tokens).logits
+    model = load_model(folder)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    model.setup_cache(batch_size=2, max_seq_len=20)
+    logits = [model(tokens[:, :4], input_pos=torch.arange(4))]
+    logits += [model(tokens[:, p : p + 1], input_pos=torch.tensor([p])) for p in range(4, 12)]
+    assert_close(torch.cat(logits, dim=1), expected)
+
+
+@torch.no_grad()
+def test_chunked_prefill_matches(hf_checkpoint):
+    """A prompt fed in chunks (a block not starting at slot 0 needs the causal mask)."""
+    folder, hf_model = hf_checkpoint
+    tokens = random_tokens(1, 12)
+    model = load_model(folder)
+    model.setup_cache(batch_size=1, max_seq_len=12)
+    chunks = [model(tokens[:, a:b], input_pos=torch.arange(a, b)) for a, b in ((0, 5), (5, 9), (9, 12))]
+    assert_close(torch.cat(chunks, dim=1), hf_model(tokens).logits)
+
+
+@torch.no_grad()
 def test_left_padded_batch_matches_unpadded_rows(hf_checkpoint):
     """Padded rows, with and without the cache, give each row's own unpadded logits."""
     folder, hf_model = hf_checkpoint

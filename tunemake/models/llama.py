@@ -281,7 +281,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, key_len):
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -290,11 +290,12 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        gqa = self.n_heads != self.n_kv_heads
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            # only the slots written so far: attention cost grows with keys, not with the cache size
+            k, v = k[:, :, :key_len], v[:, :, :key_len]
+        # without a mask: causal for a block starting at slot 0, or one query that sees every key
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and length > 1, enable_gqa=self.n_heads != self.n_kv_heads
+        )
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -317,8 +318,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask, input_pos, key_len):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, key_len)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -388,7 +389,8 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with last_logits_only).
 
-        input_pos: cache slots of the T tokens; None runs without the cache (autograd-friendly).
+        input_pos: cache slots of the T tokens, consecutive and increasing; None runs without the
+        cache (autograd-friendly).
         left_pad: per-row count of padding tokens at the left of the batch; those slots are
         masked out and RoPE positions start at 0 at each row's first real token.
         """
@@ -409,10 +411,16 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)
         cos = angles.cos().to(x.dtype).unsqueeze(1)
         sin = angles.sin().to(x.dtype).unsqueeze(1)
-        key_len = self.cache_len if use_cache else length
-        mask = self._attention_mask(slots, key_len, left_pad, use_cache)
+        compiling = torch.compiler.is_compiling()
+        if not use_cache:
+            key_len = length
+        elif compiling:
+            key_len = self.cache_len  # static shapes: attend over the whole cache, masked
+        else:
+            key_len = int(input_pos.max()) + 1
+        mask = self._attention_mask(slots, key_len, left_pad, needs_mask=compiling)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+            x = layer(x, cos, sin, mask, input_pos, key_len)
         if last_logits_only:
             x = x[:, -1:]
         x = self.model.norm(x)
@@ -420,10 +428,15 @@ class Transformer(nn.Module):
             return F.linear(x, self.model.embed_tokens.weight)
         return self.lm_head(x)
 
-    def _attention_mask(self, slots, key_len, left_pad, use_cache):
-        """Boolean [B|1, 1, T, key_len] mask, or None when plain causal attention suffices."""
+    def _attention_mask(self, slots, key_len, left_pad, needs_mask):
+        """Boolean [B|1, 1, T, key_len] mask, or None when SDPA needs none (see Attention.forward)."""
         window = self.args.sliding_window
-        if not use_cache and left_pad is None and (window is None or key_len <= window):
+        if (
+            not needs_mask
+            and (window is None or key_len <= window)
+            and (key_len == len(slots) or len(slots) == 1)  # a block from slot 0, or one query
+            and (left_pad is None or not bool(left_pad.any()))
+        ):
             return None
         keys = torch.arange(key_len, device=slots.device)
         allowed = keys.unsqueeze(0) <= slots.unsqueeze(1)
