@@ -54,8 +54,9 @@ class Outcome:
 
 
 class Engine:
-    def __init__(self, project: Project, remote=None):
+    def __init__(self, project: Project, remote=None, executor=None):
         self.project = project
+        self.executor = executor or run.LocalExecutor()
         self.store = Store(project.cache_dir, project.link)
         self.hasher = StatCache(project.cache_dir / "stat.json")
         self.remote = remote  # tunemake.remote.Remote, or None
@@ -146,7 +147,7 @@ class Engine:
         return True
 
     def finish(self, step: run.RunningStep, key: str, parts: dict) -> dict:
-        """Move a successful step's outputs into the store and record the action."""
+        """Move a successful local step's outputs into the store and record the action."""
         manifest: dict[str, dict] = {}
         files = []
         for dirpath, dirnames, filenames in os.walk(step.out):
@@ -160,16 +161,37 @@ class Engine:
                 files.append((full, rel))
         for full, rel in files:
             self.store.ingest(full, manifest[rel]["digest"], manifest[rel]["x"])
-        log_digest = self.store.put_bytes(step.log.read_bytes())
+        return self.record(step.target, key, parts, manifest, step.log.read_bytes(), step.started)
+
+    def record(self, target: str, key: str, parts: dict, manifest: dict, log: bytes, started: float,
+               host: str | None = None) -> dict:
+        """Write the action entry; the outputs' blobs are already in the store."""
         finished = time.time()
         entry = {
-            "target": step.target, "key": key, "kind": parts["kind"], "outputs": manifest,
-            "tree": tree_digest(manifest), "log": log_digest, "started": step.started,
-            "finished": finished, "duration": round(finished - step.started, 3),
-            "host": socket.gethostname(), "components": parts,
+            "target": target, "key": key, "kind": parts["kind"], "outputs": manifest,
+            "tree": tree_digest(manifest), "log": self.store.put_bytes(log), "started": started,
+            "finished": finished, "duration": round(finished - started, 3),
+            "host": host or socket.gethostname(), "components": parts,
         }
         self.store.put_action(key, entry)
         return entry
+
+    def upload_sources(self, target) -> dict[str, dict]:
+        """Put a target's source files in the remote cache; returns their manifests by path."""
+        manifests = {}
+        for rel in target.sources:
+            path = Path(rel) if Path(rel).is_absolute() else self.project.dir / rel
+            if path.is_dir():
+                manifest = self.hasher.tree(path)
+                files = {e["digest"]: path / r for r, e in manifest.items()}
+            else:
+                st = path.stat()
+                manifest = {"": {"digest": self.hasher.file(path, st), "size": st.st_size,
+                                 "x": bool(st.st_mode & 0o100)}}
+                files = {manifest[""]["digest"]: path}
+            self.remote.upload_files(files)
+            manifests[rel] = manifest
+        return manifests
 
     # -- assessment (status, dry run) -----------------------------------------
     def assess(self, roots: list[str], force: set[str] = frozenset()) -> Outcome:
@@ -287,7 +309,9 @@ class _Scheduler:
         self.ready: list[tuple[str, str, dict]] = []  # (name, key, components) needing a run
         self.running: dict[str, tuple[run.RunningStep, str, dict, FileLock]] = {}
         self.announced_wait: set[str] = set()
-        self.all_gpus = keys.visible_gpus()
+        slots = engine.executor.gpu_slots()
+        self.gpus_managed = slots is not None  # else the executor (Ray) places GPU steps itself
+        self.all_gpus = slots or []
         self.free_gpus = list(self.all_gpus)
         self.stop_scheduling = False
         selected = set(order)
@@ -374,7 +398,7 @@ class _Scheduler:
             if self.stop_scheduling:
                 self._set(name, "skipped", "stopped after a failure")
                 continue
-            need = self.project.targets[name].gpus
+            need = self.project.targets[name].gpus if self.gpus_managed else 0
             if need > len(self.all_gpus):
                 self._fail(name, f"needs {need} GPU(s) but {len(self.all_gpus)} visible "
                                  "(set CUDA_VISIBLE_DEVICES, or run it on a GPU machine)")
@@ -395,10 +419,15 @@ class _Scheduler:
                     lock.release()
                     continue
             gpus, self.free_gpus = self.free_gpus[:need], self.free_gpus[need:]
-            target = self.project.targets[name]
             tmp = self.engine.store.new_tmp_dir(name.replace("/", "_"))
-            deps = {d: str(self.project.output_dir(d)) for d in target.target_deps}
-            step = run.start(name, target.module, target.child_params, self.project.dir, deps, tmp, gpus)
+            try:
+                step = self.engine.executor.start(self.engine, name, tmp, gpus)
+            except Exception as exc:  # e.g. no Ray node can satisfy the step's resources
+                lock.release()
+                rmtree(tmp)
+                self.free_gpus.extend(gpus)
+                self._fail(name, str(exc))
+                continue
             self.running[name] = (step, key, parts, lock)
             self._set(name, "running", "; ".join(self.outcome.reasons.get(name, []))[:120])
         self.ready = still_ready
@@ -418,7 +447,11 @@ class _Scheduler:
             log_copy.parent.mkdir(parents=True, exist_ok=True)
             try:
                 if code == 0:
-                    entry = self.engine.finish(step, key, parts)
+                    try:
+                        entry = step.finish(self.engine, key, parts)
+                    except Exception as exc:  # e.g. outputs lost on the way back from a remote worker
+                        self._fail(name, f"could not collect outputs: {exc}")
+                        continue
                     self.engine.restore(name, key, parts, entry)
                     self.engine.publish(key, entry)
                     os.replace(step.log, log_copy)

@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--dry-run", action="store_true", help="say what would run and why, run nothing")
     p.add_argument("--no-cache", action="store_true", help="rebuild every selected target (results are still stored)")
     p.add_argument("--plain", action="store_true", help="line-by-line output even on a terminal")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where steps run: here, or as Ray tasks (RAY_ADDRESS or a local cluster; needs a remote cache)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("status", parents=[common], help="up to date / stale / never built, with the reason")
@@ -139,6 +141,10 @@ def cmd_build(args) -> int:
     from tunemake.progress import PlainReporter, reporter
 
     project, engine = _engine(args)
+    if args.executor == "ray" and not args.dry_run:
+        from tunemake.ray_executor import RayExecutor
+
+        engine.executor = RayExecutor(engine.remote)
     roots = _roots(project, args.targets)
     if args.jobs < 1:
         raise UserError(f"-j {args.jobs}: must be at least 1")

@@ -116,23 +116,26 @@ class Remote:
             shutil.rmtree(staging, ignore_errors=True)
         return corrupt
 
-    def push(self, store: Store, digests: list[str], executable: dict[str, bool] | None = None) -> int:
+    def push(self, store: Store, digests: list[str]) -> int:
         """Upload blobs the remote lacks; returns how many were sent."""
         if self.read_only:
             return 0
-        sent = []
+        return self.upload_files({d: store.blob_path(d) for d in digests})
 
+    def upload_files(self, files: dict) -> int:
+        """Upload files by digest (sources for remote workers), skipping those already there."""
         def one(digest: str) -> None:
             target = self._path("cas", digest[:2], digest)
             if self._guard("stat", lambda: self.fs.exists(target)):
                 return
             tmp = f"{target}.tmp-{os.getpid()}"
             self._guard("upload", lambda: self.fs.makedirs(posixpath.dirname(target), exist_ok=True))
-            self._guard("upload", lambda: self.fs.put_file(str(store.blob_path(digest)), tmp))
+            self._guard("upload", lambda: self.fs.put_file(str(files[digest]), tmp))
             self._guard("upload", lambda: self.fs.mv(tmp, target))
             sent.append(digest)
 
-        _parallel(one, sorted(set(digests)))
+        sent: list[str] = []
+        _parallel(one, sorted(files))
         return len(sent)
 
     def publish(self, store: Store, key: str, entry: dict) -> int:

@@ -63,6 +63,24 @@ class RunningStep:
             pass
         self.proc.wait()
 
+    def finish(self, engine, key: str, parts: dict) -> dict:
+        return engine.finish(self, key, parts)
+
+
+class LocalExecutor:
+    """Runs steps as child processes of this tunemake, GPU slots from the visible devices."""
+
+    def gpu_slots(self) -> list[str] | None:
+        from tunemake.keys import visible_gpus
+
+        return visible_gpus()
+
+    def start(self, engine, name: str, tmp: Path, gpus: list[str]) -> RunningStep:
+        project = engine.project
+        target = project.targets[name]
+        deps = {d: str(project.output_dir(d)) for d in target.target_deps}
+        return start(name, target.module, target.child_params, project.dir, deps, tmp, gpus)
+
 
 def _parse_progress(line: str) -> dict:
     """JSON ({"done": 3, "total": 10, "message": "..."}) or plain text ("3/10 epoch")."""
