@@ -116,29 +116,6 @@ def test_bad_params_fail_before_a_model_is_loaded(tmp_path):
         generate.validate(generate.Params(model="m", prompts_file="bad.jsonl"), tmp_path)
 
 
-def test_cli_build_then_cached(project, tmp_path):
-    make_random_model(project.root / "model")
-    project.tunefile(
-        """
-        [target.samples]
-        kind = "generate"
-        model = "model"
-        prompts = ["the cat is", "a"]
-        max_new_tokens = 4
-        temperature = 0.8
-        seed = 3
-        """
-    )
-    project.build("samples")
-    first = project.read("targets/samples/samples.jsonl")
-    assert len(first.splitlines()) == 2
-    again = project.build("samples")
-    assert "1 target up to date" in again.stdout
-    assert project.read("targets/samples/samples.jsonl") == first
-    shown = project.run("show", "samples", check=True)
-    assert "2 prompts, 8 new tokens" in shown.stdout
-
-
 def test_kind_modules_import_neither_torch_nor_lm_eval():
     code = (
         "import sys\n"

@@ -129,3 +129,67 @@ def test_validate_checks_the_baseline_and_duplicates(tmp_path):
         report.Params(evals=[])
     with pytest.raises(pydantic.ValidationError, match="extra"):
         report.Params(evals=["a"], baselin="a")
+
+
+def test_cli_quantize_eval_generate_report(tmp_path):
+    """The whole chain through `python -m tunemake build`: a report reads real eval and generate outputs;
+    `show` prints each kind's summary; an edited task data file makes its eval stale."""
+    from engine_helpers import Project
+    from helpers import make_constant_model, write_toyfacts_task
+
+    project = Project(tmp_path)
+    make_constant_model(tmp_path / "model")
+    write_toyfacts_task(tmp_path / "tasks")
+    project.tunefile(
+        """
+        [target.int8]
+        kind = "quantize"
+        model = "model"
+        scheme = "int8_weight_only"
+
+        [target.eval_base]
+        kind = "eval"
+        model = "model"
+        tasks = ["tasks/toyfacts.yaml"]
+
+        [target.eval_int8]
+        kind = "eval"
+        model = "int8"
+        tasks = ["tasks/toyfacts.yaml"]
+
+        [target.gen_int8]
+        kind = "generate"
+        model = "int8"
+        prompt = "the cat is"
+        max_new_tokens = 4
+
+        [target.report]
+        kind = "report"
+        evals = ["eval_base", "eval_int8"]
+        samples = ["gen_int8"]
+        """
+    )
+    offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    project.build("report", env=offline, timeout=600)
+    data = json.loads(project.read("targets/report/report.json"))
+    base, int8 = data["rows"]
+    assert (base["eval"], int8["eval"]) == ("eval_base", "eval_int8") and data["baseline"] == "eval_base"
+    assert (base["model"], int8["model"]) == ("model", "int8")
+    assert (base["quantization"], int8["quantization"]) == (None, "int8_weight_only")
+    # the constant model's margin survives int8: the same answers, so no change
+    assert base["metrics"]["toyfacts acc"]["value"] == int8["metrics"]["toyfacts acc"]["value"] == 0.625
+    assert int8["metrics"]["toyfacts acc"]["delta"] == 0.0
+    quantized_files = (tmp_path / "targets" / "int8").glob("model.*")
+    assert int8["weight_bytes"] == sum(p.stat().st_size for p in quantized_files) < base["weight_bytes"]
+    assert int8["speed_from"] == "gen_int8" and int8["decode_tokens_per_s"] > 0
+    assert base["decode_tokens_per_s"] is None
+    assert "# Evaluation report" in project.run("show", "report", check=True).stdout
+    assert "| toyfacts | acc | none | 0 | 8 | 0.6250 |" in project.run("show", "eval_int8", check=True).stdout
+    assert "1 prompts, 4 new tokens" in project.run("show", "gen_int8", check=True).stdout
+    assert "5 targets up to date" in project.build("report", env=offline).stdout
+
+    # the data file is not a param, yet editing it makes the evals stale
+    data = tmp_path / "tasks" / "data" / "toyfacts.jsonl"
+    data.write_text(data.read_text().replace('"answer": 1', '"answer": 0'))
+    project.build("eval_base", env=offline)
+    assert json.loads(project.read("targets/eval_base/results.json"))["results"]["toyfacts"]["acc,none"] == 1.0

@@ -1,0 +1,187 @@
+"""The eval kind and the lm-eval adapter on tiny models made here.
+
+The constant model prefers " yes" after any input, so on the toyfacts questions (5 of 8
+answered "yes") both the multiple-choice accuracy and the generated answer's exact match
+are exactly 5/8.
+"""
+
+import json
+from pathlib import Path
+
+import pydantic
+import pytest
+from helpers import (
+    TOYFACTS,
+    expected_yes_accuracy,
+    make_constant_model,
+    make_random_model,
+    write_toyfacts_task,
+    write_toygen_task,
+)
+
+from tunemake.kinds import evaluate
+from tunemake.step import StepContext
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    make_constant_model(root / "model")
+    write_toyfacts_task(root / "tasks")
+    write_toygen_task(root / "tasks")
+    return root
+
+
+def run_eval(project: Path, out_name: str, **params) -> Path:
+    out = project / out_name
+    out.mkdir()
+    evaluate.run(evaluate.Params(model="model", **params), StepContext(target=out_name, out=out, project_dir=project))
+    return out
+
+
+def test_constant_model_scores_exactly_the_share_of_yes_answers(project, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # data files must resolve against the task YAML, not the working directory
+    out = run_eval(project, "both", tasks=["tasks"], log_samples=True, batch_size=3)
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["results"]["toyfacts"]["acc,none"] == expected_yes_accuracy() == 0.625
+    assert results["results"]["toygen"]["exact_match,first_word"] == 0.625
+    # the recorded configs show what the user wrote, not the staged copies
+    config = results["configs"]["toyfacts"]
+    assert config["metadata"]["config_source"] == str(project / "tasks" / "toyfacts.yaml")
+    assert config["dataset_kwargs"] == {"data_files": {"test": "data/toyfacts.jsonl"}}
+    assert "date" not in results and "total_evaluation_time_seconds" not in results
+
+    choices = [json.loads(line) for line in (out / "samples" / "toyfacts.jsonl").read_text().splitlines()]
+    assert len(choices) == 8
+    for sample in choices:
+        (yes, yes_greedy), (no, no_greedy) = sample["filtered_resps"]
+        assert yes > no + 10 and yes_greedy and not no_greedy
+    generations = [json.loads(line) for line in (out / "samples" / "toygen.jsonl").read_text().splitlines()]
+    assert {g["resps"][0][0] for g in generations} == {" yes yes yes"}
+
+    checkpoint = json.loads((out / "checkpoint.json").read_text())
+    size = (project / "model" / "model.safetensors").stat().st_size
+    assert checkpoint == {"model": "model", "weight_files": {"model.safetensors": size}, "weight_bytes": size,
+                          "quantization": None}
+    report = (out / "report.md").read_text()
+    assert "| toyfacts | acc | none | 0 | 8 | 0.6250 | 0.1830 |" in report
+    assert "| toygen | exact_match | first_word | 0 | 8 | 0.6250 | 0.1830 |" in report
+    assert evaluate.summary(out) == report
+
+
+def test_same_params_give_identical_results(project):
+    first = run_eval(project, "first", tasks=["tasks/toyfacts.yaml"], limit=6)
+    again = run_eval(project, "again", tasks=["tasks/toyfacts.yaml"], limit=6)
+    assert (first / "results.json").read_bytes() == (again / "results.json").read_bytes()
+    yes_among_first_six = sum(answer == 0 for _, answer in TOYFACTS[:6]) / 6
+    assert json.loads((first / "results.json").read_text())["results"]["toyfacts"]["acc,none"] == yes_among_first_six
+
+
+def test_adapter_agrees_with_lm_eval_hf_model(tmp_path):
+    """Loglikelihood (batched, deduplicated, truncated), rolling windows and generate_until vs HFLM."""
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunemake.lmeval_adapter import NativeLM
+    from tunemake.models import load_model, load_tokenizer
+
+    folder = make_random_model(tmp_path / "model")
+    ours = NativeLM(load_model(folder), load_tokenizer(folder), batch_size=3, max_length=24, max_gen_toks=6)
+    reference = HFLM(
+        pretrained=AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+        tokenizer=AutoTokenizer.from_pretrained(folder),
+        batch_size=2,
+        max_length=24,
+        max_gen_toks=6,
+    )
+
+    generation = [
+        Instance("generate_until", {}, (context, {"until": until, "max_gen_toks": 6, "do_sample": False}), i)
+        for i, (context, until) in enumerate(
+            [("the cat is", ["\n"]), ("Is fire hot? Answer:", [" "]), ("a b", ["e", "?"]), ("yes", ["\n"])]
+        )
+    ]
+    generated = ours.generate_until(generation)
+    assert generated == reference.generate_until(generation)
+    assert any(text for text in generated)
+
+    pairs = [
+        ("Is fire hot? Answer:", " yes"),
+        ("Is fire hot? Answer:", " no"),
+        ("", "the cat is red"),  # empty context: scored after the BOS
+        ("a b ", "big dog"),  # trailing space moves to the continuation
+        ("Is the sky blue and the grass green and the snow white? Answer:", " yes it is"),  # truncated
+    ]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    ours_ll, reference_ll = ours.loglikelihood(requests), reference.loglikelihood(requests)
+    assert [greedy for _, greedy in ours_ll] == [greedy for _, greedy in reference_ll]
+    assert [lp for lp, _ in ours_ll] == pytest.approx([lp for lp, _ in reference_ll], abs=1e-4)
+
+    documents = ["the cat is red and the dog is green " * 4, "yes"]  # the first spans several windows
+    rolling = [Instance("loglikelihood_rolling", {}, (doc,), i) for i, doc in enumerate(documents)]
+    assert ours.loglikelihood_rolling(rolling) == pytest.approx(reference.loglikelihood_rolling(rolling), abs=1e-3)
+
+
+def test_task_files_and_includes_resolve_against_their_own_folders(tmp_path, monkeypatch):
+    """A task in a subfolder includes a base YAML whose data file is relative to the base's folder."""
+    tasks = tmp_path / "tasks"
+    write_toyfacts_task(tasks)
+    base = (tasks / "toyfacts.yaml").read_text().replace("task: toyfacts\n", "")
+    (tasks / "_base.yaml").write_text(base)
+    (tasks / "sub").mkdir()
+    (tasks / "sub" / "utils.py").write_text("def keep(dataset):\n    return dataset\n")
+    (tasks / "sub" / "child.yaml").write_text("include: ../_base.yaml\ntask: child\nprocess_docs: !function utils.keep\n")
+    monkeypatch.chdir(tmp_path / "tasks" / "sub")
+
+    files = evaluate.code_files(evaluate.Params(model="m", tasks=["tasks/sub/child.yaml", "hellaswag"]), tmp_path)
+    assert files == sorted(str(p) for p in (tasks / "_base.yaml", tasks / "data" / "toyfacts.jsonl",
+                                             tasks / "sub" / "child.yaml", tasks / "sub" / "utils.py"))
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as staging:
+        names, manager, _ = evaluate.resolve_tasks(["tasks/sub/child.yaml"], tmp_path, Path(staging))
+        assert names == ["child"]
+        task = manager.load(names)["tasks"]["child"]
+        assert [doc["question"] for doc in task.test_docs()][:2] == ["Is fire hot?", "Is ice hot?"]
+
+
+def test_bad_params_fail_early_with_the_field_named(project, tmp_path):
+    with pytest.raises(pydantic.ValidationError, match="limit: a fraction of the documents must be below 1"):
+        evaluate.Params(model="m", tasks=["t"], limit=1.5)
+    with pytest.raises(pydantic.ValidationError, match="max_gen_toks: 64 leaves no room"):
+        evaluate.Params(model="m", tasks=["t"], max_seq_length=64, max_gen_toks=64)
+    with pytest.raises(pydantic.ValidationError, match="dtype"):
+        evaluate.Params(model="m", tasks=["t"], dtype="int8")
+    with pytest.raises(pydantic.ValidationError, match="tasks"):
+        evaluate.Params(model="m", tasks=[])
+    with pytest.raises(pydantic.ValidationError, match="extra"):
+        evaluate.Params(model="m", tasks=["t"], fewshot=3)
+
+    def check(message, **params):
+        with pytest.raises(ValueError, match=message):
+            evaluate.validate(evaluate.Params(**{"model": "model", "tasks": ["tasks"], **params}), project)
+
+    check("tasks: tasks/missing.yaml does not exist", tasks=["tasks/missing.yaml"])
+    check("tasks: tasks/data/toyfacts.jsonl is not a YAML task file", tasks=["tasks/data/toyfacts.jsonl"])
+    check("tasks: folder tasks/data holds no .yaml task files", tasks=["tasks/data"])
+    (project / "empty_model").mkdir(exist_ok=True)
+    check("model: .*empty_model has no config.json", model="empty_model")
+    evaluate.validate(evaluate.Params(model="model", tasks=["tasks", "arc_easy"]), project)  # names: checked later
+
+    # a broken checkpoint proves the task is checked before any weight is read
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "bad.yaml").write_text(
+        (project / "tasks" / "toyfacts.yaml").read_text().replace("data/toyfacts.jsonl", "data/gone.jsonl")
+    )
+    ctx = StepContext(target="e", out=tmp_path, project_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"tasks: .*bad.yaml names data file 'data/gone.jsonl'"):
+        evaluate.run(evaluate.Params(model="broken", tasks=["tasks/bad.yaml"]), ctx)
+    with pytest.raises(ValueError, match="tasks: unknown lm-eval task 'no_such_task_xyz'"):
+        evaluate.run(evaluate.Params(model="broken", tasks=["no_such_task_xyz"]), ctx)
