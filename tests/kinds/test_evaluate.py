@@ -78,6 +78,13 @@ def test_same_params_give_identical_results(project):
     assert json.loads((first / "results.json").read_text())["results"]["toyfacts"]["acc,none"] == yes_among_first_six
 
 
+def test_chat_template_wraps_each_question(project):
+    out = run_eval(project, "chat", tasks=["tasks/toyfacts.yaml"], apply_chat_template=True, limit=2, log_samples=True)
+    sample = json.loads((out / "samples" / "toyfacts.jsonl").read_text().splitlines()[0])
+    # lm-eval drops the target delimiter after a chat prompt
+    assert sample["arguments"] == [["<s><|user|> Is fire hot? Answer:</s><|assistant|>", choice] for choice in ("yes", "no")]
+
+
 def test_adapter_agrees_with_lm_eval_hf_model(tmp_path):
     """Loglikelihood (batched, deduplicated, truncated), rolling windows and generate_until vs HFLM."""
     import torch
@@ -171,6 +178,12 @@ def test_bad_params_fail_early_with_the_field_named(project, tmp_path):
     (project / "empty_model").mkdir(exist_ok=True)
     check("model: .*empty_model has no config.json", model="empty_model")
     evaluate.validate(evaluate.Params(model="model", tasks=["tasks", "arc_easy"]), project)  # names: checked later
+
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device: cuda requested but torch sees no CUDA device"):
+            evaluate.check_device("cuda", None)
 
     # a broken checkpoint proves the task is checked before any weight is read
     broken = tmp_path / "broken"
