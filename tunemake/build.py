@@ -410,7 +410,7 @@ class _Scheduler:
             if not lock.try_acquire():
                 if name not in self.announced_wait:
                     self.announced_wait.add(name)
-                    self._set(name, "waiting", f"another tunemake (pid {lock.holder()}) is building it")
+                    self._set(name, "waiting", f"waiting for another tunemake (pid {lock.holder()}) building it")
                 still_ready.append((name, key, parts))
                 continue
             # Another build may have finished it while we waited for the lock.

@@ -215,10 +215,18 @@ def cmd_explain(args) -> int:
         for line in outcome.reasons.get(name, []) or (["no earlier build to compare with"]
                                                       if state is None else []):
             print(f"  {line}")
-        # a stale dependency: say why it is stale, down to the change that started it
-        for dep in project.targets[name].target_deps:
-            if outcome.status.get(dep) not in ("up to date", "cached"):
-                print(f"  dep {dep} is {outcome.status[dep]}: " + "; ".join(outcome.reasons.get(dep, [])))
+        # stale dependencies: follow them down to the changes that started it
+        seen: set[str] = set()
+        stack = [d for d in project.targets[name].target_deps if outcome.status.get(d) not in ("up to date", "cached")]
+        while stack:
+            dep = stack.pop(0)
+            if dep in seen:
+                continue
+            seen.add(dep)
+            reasons = outcome.reasons.get(dep, [])
+            print(f"  dep {dep} is {outcome.status[dep]}" + (": " + "; ".join(reasons) if reasons else ""))
+            stack.extend(d for d in project.targets[dep].target_deps
+                         if outcome.status.get(d) not in ("up to date", "cached"))
         if state and status == "stale" and not outcome.reasons.get(name):
             print(f"  key {state['key'][:16]} → {keys.key_of(engine.components(name, {}))[:16]}")
     finally:
