@@ -1,9 +1,11 @@
 """tunemake's native model vs transformers on the same random 135M Llama weights (bf16, CPU).
 
 Measures, side by side and interleaved so machine noise hits both alike:
-  - prefill: time to first token for a 512-token prompt (generate 1 token)
-  - decode: tokens/s for batch 1, from generate(N+1) minus generate(1) wall time
-Prints the ratios and writes bench/out/models.json.
+  - prefill: time to first token for a 512-token prompt (wall time of generate(1 token))
+  - decode: tokens/s for batch 1, from the first sampled token to the last (ours from
+    Completion.decode_tokens_per_s, transformers' from a StoppingCriteria that stamps each step)
+Reports the best and the median of the repeats (the best is the least disturbed by other
+processes on a shared machine), prints the ratios and writes bench/out/models.json.
 
     python bench/bench_models.py [--repeats 3] [--new-tokens 64] [--compile]
 """
@@ -50,18 +52,38 @@ def make_checkpoint(folder: Path):
     model.save_pretrained(folder)
 
 
-def ours_generate(model, prompt, new_tokens, compile=False):
-    generate(model, [prompt], max_new_tokens=new_tokens, compile=compile)
+def ours_decode_rate(model, prompt, new_tokens, compile=False) -> float:
+    return generate(model, [prompt], max_new_tokens=new_tokens, compile=compile)[0].decode_tokens_per_s
 
 
-def hf_generate(model, prompt, new_tokens):
-    model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+def hf_decode_rate(model, prompt, new_tokens) -> float:
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    stamps = []
+
+    class StampEachStep(StoppingCriteria):  # called once per generated token, after sampling it
+        def __call__(self, input_ids, scores, **kwargs):
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        stopping_criteria=StoppingCriteriaList([StampEachStep()]),
+    )
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
 
 
 def seconds(function, *args):
     started = time.perf_counter()
     function(*args)
     return time.perf_counter() - started
+
+
+def summary(samples: dict, best) -> dict:
+    return {name: {"best": best(v), "median": statistics.median(v), "samples": v} for name, v in samples.items()}
 
 
 def main():
@@ -90,15 +112,20 @@ def main():
     short_prompt = long_prompt[:16]
     n = options.new_tokens
 
-    contenders = {"tunemake": lambda p, k: ours_generate(ours, p, k), "transformers": lambda p, k: hf_generate(hf, p, k)}
+    contenders = {
+        "tunemake": lambda p, k: ours_decode_rate(ours, p, k),
+        "transformers": lambda p, k: hf_decode_rate(hf, p, k),
+    }
+    compile_seconds = None
     if options.compile:
         started = time.perf_counter()
-        ours_generate(ours, short_prompt, n + 1, compile=True)  # compiles the decode step
-        print(f"torch.compile warm-up: {time.perf_counter() - started:.1f}s")
-        contenders["tunemake_compiled"] = lambda p, k: ours_generate(ours, p, k, compile=True)
+        ours_decode_rate(ours, short_prompt, n, compile=True)  # compiles the decode step
+        compile_seconds = time.perf_counter() - started
+        print(f"torch.compile warm-up: {compile_seconds:.1f}s")
+        contenders["tunemake_compiled"] = lambda p, k: ours_decode_rate(ours, p, k, compile=True)
 
     for run in contenders.values():  # warm-up: allocator, oneDNN kernels
-        run(short_prompt, 2)
+        run(short_prompt, 3)
         run(long_prompt, 1)
 
     prefill = {name: [] for name in contenders}
@@ -107,8 +134,7 @@ def main():
         for _ in range(options.repeats):
             for name, run in contenders.items():
                 prefill[name].append(seconds(run, long_prompt, 1))
-                first = seconds(run, short_prompt, 1)
-                decode[name].append(n / (seconds(run, short_prompt, n + 1) - first))
+                decode[name].append(run(short_prompt, n))
 
     result = {
         "model": "random 135M Llama (SmolLM-135M shape), bf16, cpu",
@@ -117,20 +143,27 @@ def main():
         "torch": torch.__version__,
         "prefill_tokens": options.prefill_tokens,
         "new_tokens": n,
-        "prefill_seconds": {name: statistics.median(v) for name, v in prefill.items()},
-        "decode_tokens_per_s": {name: statistics.median(v) for name, v in decode.items()},
+        "compile_seconds": compile_seconds,
+        "prefill_seconds": summary(prefill, min),
+        "decode_tokens_per_s": summary(decode, max),
     }
-    result["prefill_speedup_vs_transformers"] = {
-        name: result["prefill_seconds"]["transformers"] / s for name, s in result["prefill_seconds"].items()
-    }
-    result["decode_speedup_vs_transformers"] = {
-        name: r / result["decode_tokens_per_s"]["transformers"] for name, r in result["decode_tokens_per_s"].items()
-    }
+    for stat in ("best", "median"):
+        hf_prefill = result["prefill_seconds"]["transformers"][stat]
+        hf_decode = result["decode_tokens_per_s"]["transformers"][stat]
+        result[f"prefill_speedup_vs_transformers_{stat}"] = {
+            name: hf_prefill / v[stat] for name, v in result["prefill_seconds"].items()
+        }
+        result[f"decode_speedup_vs_transformers_{stat}"] = {
+            name: v[stat] / hf_decode for name, v in result["decode_tokens_per_s"].items()
+        }
     for name in contenders:
+        prefill_s, decode_r = result["prefill_seconds"][name], result["decode_tokens_per_s"][name]
         print(
-            f"{name:18s} prefill {options.prefill_tokens} tok: {result['prefill_seconds'][name]:.3f}s "
-            f"(x{result['prefill_speedup_vs_transformers'][name]:.2f})   "
-            f"decode: {result['decode_tokens_per_s'][name]:.1f} tok/s (x{result['decode_speedup_vs_transformers'][name]:.2f})"
+            f"{name:18s} prefill {options.prefill_tokens} tok best {prefill_s['best']:.3f}s "
+            f"(x{result['prefill_speedup_vs_transformers_best'][name]:.2f}) median {prefill_s['median']:.3f}s "
+            f"(x{result['prefill_speedup_vs_transformers_median'][name]:.2f}) | decode best {decode_r['best']:.1f} tok/s "
+            f"(x{result['decode_speedup_vs_transformers_best'][name]:.2f}) median {decode_r['median']:.1f} tok/s "
+            f"(x{result['decode_speedup_vs_transformers_median'][name]:.2f})"
         )
     out = Path(__file__).resolve().parent / "out" / "models.json"
     out.parent.mkdir(parents=True, exist_ok=True)
