@@ -76,6 +76,16 @@ def make_hf_model(folder, model_type: str, seed: int = 0, **overrides):
     return model
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models gain nothing from a second thread, and on the shared 2-core machine a 2-thread
+    OpenMP kernel stalls whenever a peer thread is descheduled (32 tokens: 1.4 s vs 0.02 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=sorted(ARCHITECTURES))
 def hf_checkpoint(request, tmp_path):
     """(folder, transformers model) for each architecture variant."""
