@@ -126,15 +126,17 @@ def test_sliding_window_changes_logits(tmp_path):
     assert (windowed[:, 6:] - full[:, 6:]).abs().max() > 1e-3
 
 
-def test_bf16_forward_close_to_transformers_bf16(tmp_path):
-    hf_model = make_hf_model(tmp_path, "qwen2", use_sliding_window=False).to(torch.bfloat16)
-    tokens = random_tokens(2, 12)
+def test_bf16_is_as_accurate_as_transformers_bf16(tmp_path):
+    """bf16 cannot match bit for bit; its error against the fp32 reference must match transformers' bf16 error."""
+    hf_model = make_hf_model(tmp_path, "qwen2", use_sliding_window=False)
+    tokens = random_tokens(2, 300)  # long enough for the fp32 RoPE angles to matter
     with torch.no_grad():
-        expected = hf_model(tokens).logits.float()
-        actual = load_model(tmp_path, dtype=torch.bfloat16)(tokens)
-    assert actual.dtype == torch.bfloat16
-    # bf16 has 8 bits of mantissa: compare relative to the logit scale
-    assert (actual.float() - expected).abs().max() < 0.02 * expected.abs().max()
+        reference = hf_model(tokens).logits
+        hf_error = (hf_model.to(torch.bfloat16)(tokens).logits.float() - reference).abs().mean()
+        logits = load_model(tmp_path, dtype=torch.bfloat16)(tokens)
+    assert logits.dtype == torch.bfloat16
+    our_error = (logits.float() - reference).abs().mean()
+    assert our_error < 1.25 * hf_error, (our_error, hf_error)
 
 
 def test_training_from_scratch_reduces_loss():
