@@ -31,6 +31,8 @@ SCHEMES = [
 # hidden 256 and attention width 256 divide every group size; the MLP width 320 divides 64 but not 128 or
 # 256, so down_proj is the layer that must be padded
 TINY = dict(vocab_size=384, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=320)
+# the tied model's vocabulary is no multiple of 16, which the packed int4 CPU layout needs for out_features
+TIED = dict(TINY, vocab_size=392, tie_word_embeddings=True)
 
 
 def random_checkpoint(folder: Path, **overrides) -> Path:
@@ -48,7 +50,7 @@ def random_checkpoint(folder: Path, **overrides) -> Path:
 
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory) -> Path:
-    return random_checkpoint(tmp_path_factory.mktemp("tied"), tie_word_embeddings=True)
+    return random_checkpoint(tmp_path_factory.mktemp("tied"), **TIED)
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +73,9 @@ def quantize_in_memory(model: Transformer, scheme: str, groupsize: int | None, e
         if not isinstance(module, nn.Linear) or any(name.endswith(e) for e in exclude):
             continue
         weight = module.weight.detach()
-        if groupsize and weight.shape[1] % groupsize:
-            weight = pad_in_features(weight, groupsize)
-            module.register_forward_pre_hook(pad_input_to_weight)
         module.weight = nn.Parameter(quantize_weight(weight, scheme, groupsize)[0], requires_grad=False)
+        if module.weight.shape[1] != weight.shape[1]:
+            module.register_forward_pre_hook(pad_input_to_weight)
     return model
 
 
@@ -104,14 +105,15 @@ def test_each_scheme_reloads_bit_exact(tied, tmp_path, scheme, capsys):
         assert info["groupsize"] == 256
         assert info["padded"] == {f"model.layers.{i}.mlp.down_proj": {"in_features": 320, "padded_in_features": 512}
                                   for i in range(2)}
-        assert "padded model.layers.1.mlp.down_proj: in_features 320 -> 512" in capsys.readouterr().out
+        assert ("padded (not skipped): 2 linear layers with in_features 320 -> 512 to fit groupsize 256"
+                in capsys.readouterr().out)
         progress = (tmp_path / "out.progress").read_text()
         assert "padded model.layers.0.mlp.down_proj" in progress
     else:
         assert info["groupsize"] is None and info["padded"] == {}
     assert info["weights_file"] == ("model.pt" if scheme == "int4_weight_only" else "model.safetensors")
     assert info["bytes_after"] == (tmp_path / "out" / info["weights_file"]).stat().st_size
-    args = ModelArgs(**TINY)
+    args = ModelArgs(**TIED)
     embed = args.vocab_size * args.dim
     attention = 2 * args.dim * args.n_heads * args.head_dim + 2 * args.dim * args.n_kv_heads * args.head_dim
     per_layer = attention + 3 * args.dim * args.hidden_dim + 2 * args.dim  # + two norms
@@ -126,7 +128,8 @@ def test_each_scheme_reloads_bit_exact(tied, tmp_path, scheme, capsys):
 def test_int4_group_256_is_packed_and_smaller_than_int8(tied, tmp_path):
     info = build(tied, tmp_path / "int4", scheme="int4_weight_only")
     assert info["config"] == {
-        "config": "tunemake int4_cpu_weight (PrototypeInt4WeightOnlyConfig's quantization at a group size it rejects)",
+        "config": "tunemake int4_cpu_weight (torchao Int4OpaqueTensor.from_hp without its group size <= 128 "
+                  "and out_features % 16 limits)",
         "group_size": 256, "packing": "int4pack_for_cpu", "tensor": "Int4OpaqueTensor"}
     int8 = build(tied, tmp_path / "int8", scheme="int8_weight_only")
     assert info["bytes_after"] < 0.75 * int8["bytes_after"]
@@ -166,6 +169,44 @@ def test_int4_cpu_weight_equals_torchao_from_hp(groupsize):
     assert ours.block_size == theirs.block_size and ours.shape == theirs.shape
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantizing_rows_in_chunks_gives_the_same_tensor(scheme):
+    weight = torch.randn(200, 256, generator=torch.Generator().manual_seed(0)).bfloat16()
+    groupsize = 128 if scheme in quantize.GROUPED_SCHEMES else None
+    whole, used = quantize_weight(weight, scheme, groupsize, chunk_rows=256)
+    chunked, _ = quantize_weight(weight, scheme, groupsize, chunk_rows=64)  # 64 + 64 + 64 + 8 rows
+    assert type(chunked) is type(whole) and chunked.shape == whole.shape == weight.shape
+    names, attributes = whole.__tensor_flatten__()
+    assert chunked.__tensor_flatten__() == (names, attributes)
+    for name in names:
+        assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
+    assert torch.equal(nn.functional.linear(x, chunked), nn.functional.linear(x, whole))
+    if groupsize:  # padding chunk by chunk = quantizing the zero-padded weight
+        narrow = weight[:, :200]
+        chunked, _ = quantize_weight(narrow, scheme, groupsize, chunk_rows=64)
+        whole, _ = quantize_weight(pad_in_features(narrow, groupsize), scheme, groupsize, chunk_rows=256)
+        assert chunked.shape == whole.shape == (200, 256)
+        for name in names:
+            assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
+
+
+def test_int4_cpu_weight_chunks_and_pads_rows_exactly():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(1000, 256, generator=generator).bfloat16()  # 1000 rows: not a multiple of 16 or 64
+    whole = int4_cpu_weight(weight, 256, chunk_rows=1024)
+    chunked = int4_cpu_weight(weight, 256, chunk_rows=128)
+    assert torch.equal(whole.qdata, chunked.qdata) and torch.equal(whole.scale_and_zero, chunked.scale_and_zero)
+    assert whole.shape == (1000, 256) and whole.qdata.shape[0] == 1008
+    x = torch.randn(3, 256, generator=generator).bfloat16()
+    padded_rows = torch.cat([weight, torch.zeros(8, 256, dtype=weight.dtype)])
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+
+    reference = nn.functional.linear(x, Int4OpaqueTensor.from_hp(padded_rows, [1, 128]))
+    ours = nn.functional.linear(x, int4_cpu_weight(weight, 128))
+    assert ours.shape == (3, 1000) and torch.equal(ours, reference[:, :1000])
+
+
 def test_int4_group_256_computes_with_256_wide_groups():
     """Against a dequantization written from the tinygemm formula (bf16 qparams from min/max per 256 columns)."""
     generator = torch.Generator().manual_seed(0)
@@ -190,7 +231,8 @@ def test_int4_group_256_computes_with_256_wide_groups():
 def test_padded_columns_contribute_nothing():
     weight = torch.randn(32, 320, generator=torch.Generator().manual_seed(0)).bfloat16()
     linear = nn.Linear(320, 32, bias=False)
-    linear.weight = nn.Parameter(int4_cpu_weight(pad_in_features(weight, 256), 256), requires_grad=False)
+    linear.weight = nn.Parameter(int4_cpu_weight(weight, 256), requires_grad=False)
+    assert linear.weight.shape == (32, 512)
     linear.register_forward_pre_hook(pad_input_to_weight)
     x = torch.randn(3, 320, generator=torch.Generator().manual_seed(1)).bfloat16()
     padded_x = torch.cat([x, torch.zeros(3, 192, dtype=x.dtype)], dim=1)

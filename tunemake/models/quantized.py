@@ -33,15 +33,19 @@ SCHEMES = (
     "float8_weight_only",
 )
 GROUPED_SCHEMES = ("int4_weight_only", "int8_dynamic_activation_int4_weight")
-# torchao's PrototypeInt4WeightOnlyConfig (packed int4 on CPU) accepts these; the aten CPU kernel also takes 256
-CPU_INT4_CONFIG_GROUP_SIZES = (32, 64, 128)
 
 
-def quantize_weight(weight: torch.Tensor, scheme: str, groupsize: int | None) -> tuple[torch.Tensor, dict]:
+def quantize_weight(
+    weight: torch.Tensor, scheme: str, groupsize: int | None, chunk_rows: int = 4096
+) -> tuple[torch.Tensor, dict]:
     """One linear weight [out, in] -> a torchao quantized tensor on weight's device, plus what was used.
 
-    in_features must already be a multiple of groupsize (see pad_in_features). Raises rather
-    than returning the weight unquantized, as torchao's quantize_ silently does.
+    When groupsize does not divide in_features, zero columns are appended up to the next
+    multiple (the module then needs pad_input_to_weight). Raises rather than returning the
+    weight unquantized, as torchao's quantize_ silently does. Rows are quantized chunk_rows
+    at a time: every scheme here except CUDA int4 keeps its scales per row (or per group
+    within a row), so the result is the same (tests check it bit for bit) while the fp32
+    temporaries, several times a weight's size, cover one chunk, not a whole output projection.
     """
     from torchao.quantization import (
         Float8WeightOnlyConfig,
@@ -51,24 +55,22 @@ def quantize_weight(weight: torch.Tensor, scheme: str, groupsize: int | None) ->
         Int8WeightOnlyConfig,
         PerGroup,
     )
-    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 
-    on_cuda = weight.device.type == "cuda"
-    if scheme == "int4_weight_only" and on_cuda:
+    if scheme == "int4_weight_only" and weight.device.type == "cuda":
         config = Int4WeightOnlyConfig(group_size=groupsize, int4_packing_format="tile_packed_to_4d")
-        used = {"config": "Int4WeightOnlyConfig", "group_size": groupsize, "packing": "tile_packed_to_4d"}
-    elif scheme == "int4_weight_only" and groupsize in CPU_INT4_CONFIG_GROUP_SIZES:
-        config = PrototypeInt4WeightOnlyConfig(group_size=groupsize)
-        used = {"config": "PrototypeInt4WeightOnlyConfig", "group_size": groupsize, "packing": "int4pack_for_cpu"}
-    elif scheme == "int4_weight_only":
+        used = {"config": "Int4WeightOnlyConfig", "group_size": groupsize, "packing": "tile_packed_to_4d",
+                "tensor": "Int4TilePackedTo4dTensor"}
+        return _quantize_with_config(pad_in_features(weight, groupsize), config), used  # not row-separable
+    if scheme == "int4_weight_only":
         used = {
-            "config": "tunemake int4_cpu_weight (PrototypeInt4WeightOnlyConfig's quantization at a group size it rejects)",
+            "config": "tunemake int4_cpu_weight (torchao Int4OpaqueTensor.from_hp without its group size <= 128 "
+                      "and out_features % 16 limits)",
             "group_size": groupsize,
             "packing": "int4pack_for_cpu",
             "tensor": "Int4OpaqueTensor",
         }
-        return int4_cpu_weight(weight, groupsize), used
-    elif scheme == "int8_weight_only":
+        return int4_cpu_weight(weight, groupsize, chunk_rows), used
+    if scheme == "int8_weight_only":
         config = Int8WeightOnlyConfig()
         used = {"config": "Int8WeightOnlyConfig", "granularity": "per_row"}
     elif scheme == "int8_dynamic_activation_int8_weight":
@@ -83,9 +85,27 @@ def quantize_weight(weight: torch.Tensor, scheme: str, groupsize: int | None) ->
         used = {"config": "Float8WeightOnlyConfig", "weight_dtype": "float8_e4m3fn", "granularity": "per_row"}
     else:
         raise ValueError(f"scheme: unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    quantized = _quantize_with_config(weight, config)
+    parts = [_quantize_with_config(pad_in_features(weight[start : start + chunk_rows], groupsize), config)
+             for start in range(0, weight.shape[0], chunk_rows)]
+    quantized = parts[0] if len(parts) == 1 else _join_rows(parts)
     used["tensor"] = type(quantized).__name__
     return quantized, used
+
+
+def _join_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Quantized row blocks -> one tensor, by concatenating their inner tensors along rows."""
+    names, attributes = parts[0].__tensor_flatten__()
+    for part in parts:
+        part_names, part_attributes = part.__tensor_flatten__()
+        if (part_names != names or part_attributes != attributes
+                or any(getattr(part, name).shape[0] != part.shape[0] for name in names)):
+            raise RuntimeError(f"{type(part).__name__} does not keep its data per row; cannot quantize it in chunks")
+    inner = {name: torch.cat([getattr(part, name) for part in parts]) for name in names}
+    shape = (sum(part.shape[0] for part in parts), parts[0].shape[1])
+    joined = type(parts[0]).__tensor_unflatten__(inner, attributes, shape, None)
+    if tuple(joined.shape) != shape:
+        raise RuntimeError(f"joined {type(joined).__name__} has shape {list(joined.shape)}, not {list(shape)}")
+    return joined
 
 
 def _quantize_with_config(weight: torch.Tensor, config) -> torch.Tensor:
@@ -101,12 +121,16 @@ def _quantize_with_config(weight: torch.Tensor, config) -> torch.Tensor:
     return quantized
 
 
-def int4_cpu_weight(weight: torch.Tensor, groupsize: int) -> torch.Tensor:
-    """Packed int4 for aten._weight_int4pack_mm_for_cpu, for any group size that kernel takes (32..256).
+def int4_cpu_weight(weight: torch.Tensor, groupsize: int, chunk_rows: int = 4096) -> torch.Tensor:
+    """Packed int4 for aten._weight_int4pack_mm_for_cpu, for every group size that kernel takes (32..256).
 
-    The same steps as torchao's Int4OpaqueTensor.from_hp (tinygemm asymmetric qparams with a
-    float zero point, the quantization Int4WeightOnlyConfig uses on CUDA), whose assert stops
-    at 128 although the kernel accepts 256. Tests check it equals from_hp bit for bit at 32/64/128.
+    The steps of torchao's Int4OpaqueTensor.from_hp (tinygemm asymmetric qparams with a float
+    zero point, the quantization Int4WeightOnlyConfig uses on CUDA), which asserts group size
+    <= 128 although the kernel accepts 256 and fails when out_features is not a multiple of
+    16: here rows are zero-padded to 16 (the linear op slices the output back) and columns to
+    a multiple of groupsize. Rows go chunk_rows at a time (a multiple of the packing's
+    independent 64-row blocks) so the int32 codes of a large vocabulary never exist all at
+    once. Tests check it equals from_hp bit for bit at 32/64/128.
     """
     from torchao.prototype.quantization.int4 import Int4OpaqueTensor
     from torchao.quantization.quant_primitives import (
@@ -116,23 +140,34 @@ def int4_cpu_weight(weight: torch.Tensor, groupsize: int) -> torch.Tensor:
     )
     from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
 
-    if weight.ndim != 2 or weight.device.type != "cpu" or weight.shape[1] % groupsize:
-        raise ValueError(f"int4_cpu_weight needs a 2-D cpu weight with in_features divisible by {groupsize}, "
-                         f"got {list(weight.shape)} on {weight.device}")
+    if weight.ndim != 2 or weight.device.type != "cpu":
+        raise ValueError(f"int4_cpu_weight needs a 2-D cpu weight, got {list(weight.shape)} on {weight.device}")
+    if chunk_rows % 64:
+        raise ValueError(f"chunk_rows must be a multiple of 64, got {chunk_rows}")
     block_size = [1, groupsize]
-    scale, zero_point = _choose_qparams_affine_tinygemm(
-        weight, MappingType.ASYMMETRIC, block_size, torch.int32, 0, 15, 1e-6, None, weight.dtype
+    packed, scales_and_zeros = [], []
+    for start in range(0, weight.shape[0], chunk_rows):
+        rows = pad_in_features(weight[start : start + chunk_rows], groupsize)
+        if len(rows) % 16:
+            rows = F.pad(rows, (0, 0, 0, -len(rows) % 16))
+        scale, zero_point = _choose_qparams_affine_tinygemm(
+            rows, MappingType.ASYMMETRIC, block_size, torch.int32, 0, 15, 1e-6, None, rows.dtype
+        )
+        int_data = _quantize_affine_tinygemm(rows, block_size, scale, zero_point, torch.int32, 0, 15)
+        packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(int_data, 1))
+        scales_and_zeros.append(
+            pack_tinygemm_scales_and_zeros(scale.reshape(len(rows), -1), zero_point.reshape(len(rows), -1), scale.dtype)
+        )
+    in_features = weight.shape[1] + (-weight.shape[1] % groupsize)
+    return Int4OpaqueTensor(
+        qdata=torch.cat(packed), scale_and_zero=torch.cat(scales_and_zeros, dim=1), block_size=block_size,
+        shape=torch.Size((weight.shape[0], in_features)),
     )
-    int_data = _quantize_affine_tinygemm(weight, block_size, scale, zero_point, torch.int32, 0, 15)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(int_data, 1)
-    rows = weight.shape[0]
-    scale_and_zero = pack_tinygemm_scales_and_zeros(scale.reshape(rows, -1), zero_point.reshape(rows, -1), scale.dtype)
-    return Int4OpaqueTensor(qdata=packed, scale_and_zero=scale_and_zero, block_size=block_size, shape=weight.shape)
 
 
-def pad_in_features(weight: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Append zero columns so in_features becomes a multiple of `multiple` (a no-op when it is)."""
-    missing = -weight.shape[1] % multiple
+def pad_in_features(weight: torch.Tensor, multiple: int | None) -> torch.Tensor:
+    """Append zero columns so in_features becomes a multiple of `multiple` (a no-op when it is, or None)."""
+    missing = -weight.shape[1] % multiple if multiple else 0
     return F.pad(weight, (0, missing)) if missing else weight
 
 
@@ -143,21 +178,32 @@ def pad_input_to_weight(module: nn.Module, args: tuple) -> tuple:
 
 
 def save_quantized_state_dict(state_dict: dict[str, torch.Tensor], folder: Path) -> str:
-    """Writes the weights into folder; returns the file name (safetensors when torchao can flatten them all)."""
+    """Writes the weights into folder and returns the file name: safetensors when torchao can
+    flatten every tensor type, else torch.save.
+
+    Empties state_dict on the safetensors path: torchao's flattening clones each tensor, so
+    the originals are dropped one by one to keep a single copy of the model in memory.
+    """
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
     from torchao.prototype.safetensors.safetensors_utils import ALLOWED_TENSORS_SUBCLASSES
 
     flattenable = all(
         type(t) is torch.Tensor or type(t).__name__ in ALLOWED_TENSORS_SUBCLASSES for t in state_dict.values()
     )
-    if flattenable:
-        from safetensors.torch import save_file
+    if not flattenable:
+        torch.save(state_dict, Path(folder) / TORCH_FILE)
+        return TORCH_FILE
+    from safetensors.torch import save_file
 
-        tensors, metadata = flatten_tensor_state_dict(state_dict)
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(Path(folder) / SAFETENSORS_FILE), metadata)
-        return SAFETENSORS_FILE
-    torch.save(state_dict, Path(folder) / TORCH_FILE)
-    return TORCH_FILE
+    names = list(state_dict)
+    tensors, metadata = {}, {}
+    for name in names:
+        flat, flat_metadata = flatten_tensor_state_dict({name: state_dict.pop(name)})
+        tensors.update((key, value.contiguous().cpu()) for key, value in flat.items())
+        metadata[name] = flat_metadata[name]
+    metadata["tensor_names"] = json.dumps(names)
+    save_file(tensors, str(Path(folder) / SAFETENSORS_FILE), metadata)
+    return SAFETENSORS_FILE
 
 
 def load_quantized_state_dict(folder: Path, weights_file: str, device: str | torch.device = "cpu") -> dict:
