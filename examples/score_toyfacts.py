@@ -18,27 +18,25 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 
-from tunemake.models import load_model
+from tunemake.models import Tokenizer, load_model, load_tokenizer
 
 
-def choice_token_ids(tokenizer: spm.SentencePieceProcessor, context: str, choice: str) -> tuple[list[int], list[int]]:
+def choice_token_ids(tokenizer: Tokenizer, context: str, choice: str) -> tuple[list[int], list[int]]:
     """Context and continuation ids, split as lm-eval splits them: encode the whole, cut at the context's length."""
-    continuation = " " + choice
-    whole = tokenizer.encode(context + continuation)
-    context_ids = tokenizer.encode(context)
-    return [tokenizer.bos_id()] + context_ids, whole[len(context_ids) :]
+    whole = tokenizer.encode(context + " " + choice, add_bos=True)
+    context_ids = tokenizer.encode(context, add_bos=True)
+    return context_ids, whole[len(context_ids) :]
 
 
 @torch.no_grad()
-def choice_logprobs(model, tokenizer, context: str, choices: list[str]) -> list[float]:
+def choice_logprobs(model, tokenizer: Tokenizer, context: str, choices: list[str]) -> list[float]:
     pairs = [choice_token_ids(tokenizer, context, c) for c in choices]
     sequences = [ctx + cont for ctx, cont in pairs]
     width = max(len(s) for s in sequences)
     # Right padding is harmless under causal attention: padding only follows the scored tokens.
-    tokens = torch.tensor([s + [0] * (width - len(s)) for s in sequences])
+    tokens = torch.tensor([s + [tokenizer.pad_id] * (width - len(s)) for s in sequences])
     logprobs = torch.log_softmax(model(tokens).float(), dim=-1)
     scores = []
     for row, (ctx, cont) in enumerate(pairs):
@@ -49,7 +47,7 @@ def choice_logprobs(model, tokenizer, context: str, choices: list[str]) -> list[
 
 def score(model_dir: Path, task_jsonl: Path) -> dict:
     model = load_model(model_dir)
-    tokenizer = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    tokenizer = load_tokenizer(model_dir)
     docs = [json.loads(line) for line in task_jsonl.read_text().splitlines() if line.strip()]
     right_by_attribute: dict[str, list[bool]] = defaultdict(list)
     for doc in docs:

@@ -28,39 +28,50 @@ VALUES = {
 }
 
 # Phrasings used in the corpus. {p} is the person, {v} the value, {pet} the
-# person's pet (colour sentences name the animal).
+# person's pet (colour sentences name the animal). The questions teach the
+# model to answer right after "a:", as the task's held-out questions expect.
 TRAIN_TEMPLATES = {
     "home": [
         "{p} lives in the {v}.",
         "the home of {p} is in the {v}.",
         "{p} comes from the {v}.",
         "in the {v} you can find {p}.",
-        "q: where does {p} live? a: in the {v}.",
+        "q: where does {p} live? a: {v}.",
+        "q: where is the home of {p}? a: {v}.",
+        "q: {p} comes from where? a: {v}.",
     ],
     "trade": [
         "{p} works as a {v}.",
         "{p} is a {v}.",
         "the job of {p} is {v}.",
         "every day {p} goes to work as a {v}.",
-        "q: what does {p} do? a: {p} is a {v}.",
+        "q: what does {p} do? a: {v}.",
+        "q: what is the job of {p}? a: {v}.",
+        "q: {p} works as what? a: {v}.",
     ],
     "pet": [
         "{p} has a {v}.",
         "the pet of {p} is a {v}.",
         "{p} keeps a {v} at home.",
-        "q: what animal does {p} keep? a: a {v}.",
+        "q: what animal does {p} keep? a: {v}.",
+        "q: what is the pet of {p}? a: {v}.",
+        "q: {p} has what pet? a: {v}.",
     ],
     "color": [
         "the {pet} of {p} is {v}.",
         "{p} has a {v} {pet}.",
         "the {v} {pet} belongs to {p}.",
         "q: what color is the {pet} of {p}? a: {v}.",
+        "q: the {pet} of {p} has what color? a: {v}.",
+        "q: what color is the pet of {p}? a: {v}.",
     ],
     "food": [
         "{p} likes to eat {v}.",
         "the favorite food of {p} is {v}.",
         "{p} eats {v} every morning.",
         "q: what does {p} like to eat? a: {v}.",
+        "q: what is the favorite food of {p}? a: {v}.",
+        "q: {p} eats what every morning? a: {v}.",
     ],
 }
 

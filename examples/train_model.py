@@ -23,17 +23,16 @@ import os
 import time
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from tunemake.models import ModelArgs, Transformer, save_checkpoint
+from tunemake.models import ModelArgs, Tokenizer, Transformer, load_tokenizer, save_checkpoint
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, required=True)
-    parser.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer.model")
+    parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer folder (train_tokenizer.py output)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -53,13 +52,12 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def token_stream(corpus: Path, tokenizer: spm.SentencePieceProcessor) -> torch.Tensor:
-    lines = [line for line in corpus.read_text().splitlines() if line.strip()]
+def token_stream(corpus: Path, tokenizer: Tokenizer, eos_id: int) -> torch.Tensor:
     ids: list[int] = []
-    for pieces in tokenizer.encode(lines):
-        ids.append(tokenizer.bos_id())
-        ids.extend(pieces)
-        ids.append(tokenizer.eos_id())
+    for line in corpus.read_text().splitlines():
+        if line.strip():
+            ids.extend(tokenizer.encode(line, add_bos=True))
+            ids.append(eos_id)
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -99,10 +97,11 @@ def main() -> None:
     torch.manual_seed(args.seed)
     started = time.time()
 
-    tokenizer = spm.SentencePieceProcessor(model_file=str(args.tokenizer / "tokenizer.model"))
-    stream = token_stream(args.corpus, tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
+    eos_id = min(tokenizer.eos_ids)
+    stream = token_stream(args.corpus, tokenizer, eos_id)
     model_args = ModelArgs(
-        vocab_size=tokenizer.get_piece_size(),
+        vocab_size=tokenizer.vocab_size,
         dim=args.dim,
         n_layers=args.n_layers,
         n_heads=args.n_heads,
@@ -112,8 +111,8 @@ def main() -> None:
         norm_eps=1e-5,
         tie_word_embeddings=True,
         max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_id(),
-        eos_token_id=tokenizer.eos_id(),
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=eos_id,
     )
     model = Transformer(model_args)
     model.train()
