@@ -34,6 +34,14 @@ CASES = {
     "bad outs": ('[target.a]\nkind = "command"\ncmd = "x"\nouts = ["../escape"]\n',
                  ["tunefile.toml:4", "field 'outs'", "relative path inside the output folder"]),
     "bad cache link": ('[cache]\nlink = "teleport"\n' + GOOD, ["tunefile.toml:2", "field 'cache.link'"]),
+    "vars not a table": ('vars = 5\n' + GOOD, ["tunefile.toml:1", "field 'vars'", "must be a table"]),
+    "kind not a string": ('[target.a]\nkind = ["command"]\n', ["tunefile.toml:2", "field 'kind'", "must be a string"]),
+    "name too long": (f'[target.{"x" * 200}]\nkind = "command"\ncmd = "x"\n', ["at most 120 characters"]),
+    "matrix name collision": ('[target.m]\nkind = "command"\ncmd = "x"\nmatrix = {v = [1, "1"]}\n',
+                              ["field 'matrix'", "two targets would be named 'm@1'"]),
+    "outs dot": ('[target.a]\nkind = "command"\ncmd = "x"\nouts = ["."]\n', ["field 'outs'"]),
+    "source inside targets": ('[target.a]\nkind = "command"\ncmd = "x"\n[target.b]\nkind = "command"\n'
+                              'cmd = "x"\ndeps = ["targets/a"]\n', ["name the target instead"]),
     "python kind missing module": ('[target.a]\nkind = "python"\nfunction = "no_such_mod:fn"\n',
                                    ["tunefile.toml:3", "field 'function'", "module 'no_such_mod' not found"]),
 }
@@ -66,6 +74,7 @@ def test_bad_tunefile(project, case):
     (["explain", "nosuch"], ["unknown target 'nosuch'"]),
     (["build", "-j", "0"], ["-j 0"]),
     (["cache", "gc", "--max-size", "lots"], ["--max-size 'lots'"]),
+    (["cache", "gc", "--max-size", "1.2.3GB"], ["--max-size '1.2.3GB'"]),
 ])
 def test_bad_command_line(project, args, expected):
     project.tunefile(GOOD)

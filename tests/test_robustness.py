@@ -154,3 +154,129 @@ def test_gc_without_limit_removes_unreferenced_blobs_only(project):
     assert not stray.exists()
     project.run("clean", check=True)
     assert "restored from cache" in project.build().stdout
+
+
+def test_forced_rebuild_repairs_a_blob_damaged_through_a_hardlink(project):
+    project.tunefile("""
+        [cache]
+        link = "hardlink"
+        [target.a]
+        kind = "command"
+        cmd = "echo fresh > $TUNEMAKE_OUT/x"
+        [target.b]
+        kind = "command"
+        cmd = "cat {deps.a}/x > $TUNEMAKE_OUT/y"
+        deps = ["a"]
+        """)
+    project.build("a")
+    x = project.root / "targets/a/x"
+    os.chmod(x, 0o644)
+    with open(x, "a") as f:
+        f.write("EDITED\n")
+    project.build("-B", "a")
+    project.build()
+    assert project.read("targets/a/x") == "fresh\n"
+    assert project.read("targets/b/y") == "fresh\n"
+    assert project.run("cache", "verify").returncode == 0
+
+
+def test_background_child_of_a_step_cannot_write_into_the_cache(project):
+    project.tunefile("""
+        [target.bg]
+        kind = "command"
+        cmd = "exec 3>$TUNEMAKE_OUT/x; echo first >&3; (sleep 1; echo LATE >&3) &"
+        """)
+    project.build()
+    time.sleep(1.5)
+    assert project.read("targets/bg/x") == "first\n"
+    assert project.run("cache", "verify").returncode == 0
+
+
+def test_output_hardlinked_to_a_source_does_not_tie_the_source_to_the_cache(project):
+    src = project.write("data.txt", "v1\n")
+    project.tunefile("""
+        [target.t]
+        kind = "command"
+        cmd = "ln data.txt $TUNEMAKE_OUT/copy.txt"
+        deps = ["data.txt"]
+        """)
+    project.build()
+    assert os.access(src, os.W_OK) and (src.stat().st_mode & 0o200)
+    assert src.stat().st_nlink == 1
+    src.write_text("v2\n")
+    assert project.run("cache", "verify").returncode == 0
+
+
+def test_executable_bit_survives_shared_blobs(project):
+    project.tunefile("""
+        [target.plain]
+        kind = "command"
+        cmd = "head -c 1200000 /dev/zero > $TUNEMAKE_OUT/f"
+        [target.exe]
+        kind = "command"
+        cmd = "head -c 1200000 /dev/zero > $TUNEMAKE_OUT/f; chmod +x $TUNEMAKE_OUT/f"
+        """)
+    project.build()
+    assert os.stat(project.root / "targets/exe/f").st_mode & 0o100
+    assert not os.stat(project.root / "targets/plain/f").st_mode & 0o100
+
+
+def test_files_added_to_a_materialized_output_are_not_fed_to_dependents(project):
+    project.tunefile("""
+        [target.a]
+        kind = "command"
+        cmd = "echo a > $TUNEMAKE_OUT/a"
+        [target.b]
+        kind = "command"
+        cmd = "ls {deps.a} > $TUNEMAKE_OUT/listing"
+        deps = ["a"]
+        """)
+    project.build("a")
+    (project.root / "targets/a/extra").write_text("junk")
+    project.build()
+    assert project.read("targets/b/listing") == "a\n"
+    assert not (project.root / "targets/a/extra").exists()
+
+
+def test_repointed_symlink_source_rebuilds(project):
+    project.write("v1/f.txt", "one\n")
+    project.write("v2/f.txt", "two\n")
+    os.symlink("v1", project.root / "data")
+    project.tunefile("""
+        [target.t]
+        kind = "command"
+        cmd = "cat data/f.txt > $TUNEMAKE_OUT/f"
+        deps = ["data"]
+        """)
+    project.build()
+    os.unlink(project.root / "data")
+    os.symlink("v2", project.root / "data")
+    project.build()
+    assert project.read("targets/t/f") == "two\n"
+
+
+def test_project_folder_as_a_source_reaches_up_to_date(project):
+    project.write("input.txt", "x\n")
+    project.tunefile("""
+        [target.t]
+        kind = "command"
+        cmd = "ls input.txt > $TUNEMAKE_OUT/f"
+        deps = ["."]
+        """)
+    project.build()
+    assert "nothing to do" in project.build().stdout
+
+
+def test_special_files_as_sources_are_clear_errors(project):
+    os.mkfifo(project.root / "pipe")
+    os.symlink("nowhere", project.root / "dangling")
+    for dep, words in (("pipe", "not a regular file or folder"), ("dangling", "broken symlink")):
+        project.tunefile(f'[target.t]\nkind = "command"\ncmd = "true"\ndeps = ["{dep}"]\n')
+        proc = project.run("build", check=False, timeout=30)
+        assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr
+    (project.root / "pipe").unlink()
+    project.write("folder/ok.txt", "x")
+    os.mkfifo(project.root / "folder/pipe")
+    project.tunefile('[target.t]\nkind = "command"\ncmd = "true"\ndeps = ["folder"]\n')
+    proc = project.run("build", check=False, timeout=30)
+    assert proc.returncode == 2 and "not a regular file" in proc.stderr

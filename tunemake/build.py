@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import sys
 import time
 from collections import deque
@@ -121,7 +122,7 @@ class Engine:
         if not changed:
             return state
         for rel in changed:
-            if record[rel][3] == "link":
+            if rel in record and record[rel][3] == "link":
                 digest = state["outputs"][rel]["digest"]
                 if not self.store.verify_blob(digest):
                     self.store.drop_action(key)
@@ -136,6 +137,8 @@ class Engine:
         lock = FileLock(self.store.lock_path(f"target-{name}"))
         lock.acquire()
         try:
+            if self.check_current(name, key):
+                return True  # another build materialized it meanwhile; its dependents may be reading it
             record = self.store.materialize(entry["outputs"], self.project.output_dir(name))
             self.store.put_state(name, {
                 "key": key, "tree": entry["tree"], "components": parts, "outputs": entry["outputs"],
@@ -156,6 +159,8 @@ class Engine:
                 full = Path(dirpath) / fn
                 rel = full.relative_to(step.out).as_posix()
                 st = os.stat(full)
+                if not stat.S_ISREG(st.st_mode):
+                    raise RuntimeError(f"output {rel} is not a regular file")
                 manifest[rel] = {"digest": hash_file(full), "size": st.st_size,
                                  "x": bool(st.st_mode & 0o100)}
                 files.append((full, rel))
@@ -442,6 +447,7 @@ class _Scheduler:
             if code is None:
                 continue
             del self.running[name]
+            step.kill()  # background children of the step must not outlive it (or write into its outputs)
             self.free_gpus.extend(step.gpus)
             log_copy = self.engine.store.log_path(name)
             log_copy.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ def digest_json(obj) -> str:
 
 
 def canonical_json(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # ensure_ascii: file names that are not valid UTF-8 (surrogate escapes) still serialize
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def hash_file(path: Path | str) -> str:
@@ -40,6 +41,10 @@ def hash_file(path: Path | str) -> str:
 def tree_digest(manifest: dict[str, dict]) -> str:
     """Digest of an output tree: relative paths, contents and executable bits."""
     return digest_json({rel: [e["digest"], bool(e.get("x"))] for rel, e in manifest.items()})
+
+
+class UnhashableFile(Exception):
+    """A source or output that is not a regular file (FIFO, device, dangling link)."""
 
 
 class StatCache:
@@ -65,7 +70,7 @@ class StatCache:
         st = st or os.stat(path)
         key = str(path)
         hit = self._load().get(key)
-        if hit is not None and hit[0] == st.st_ino and hit[1] == st.st_size and hit[2] == st.st_mtime_ns:
+        if isinstance(hit, list) and len(hit) == 4 and hit[:3] == [st.st_ino, st.st_size, st.st_mtime_ns]:
             return hit[3]
         digest = hash_file(path)
         self.hashed_bytes += st.st_size
@@ -75,26 +80,41 @@ class StatCache:
             self._new[key] = entry
         return digest
 
-    def tree(self, root: Path) -> dict[str, dict]:
-        """Manifest of a folder: relative path -> digest, size, executable bit."""
+    def tree(self, root: Path, skip: tuple[Path, ...] = ()) -> dict[str, dict]:
+        """Manifest of a folder: relative path -> digest, size, executable bit.
+
+        Symlinks are followed (content is what matters); anything that is not a regular
+        file once followed (a FIFO, a device, a dangling link) is an error, not a hang.
+        """
         manifest: dict[str, dict] = {}
         for dirpath, dirnames, filenames in os.walk(root):
+            if skip:
+                dirnames[:] = [d for d in dirnames if Path(dirpath, d) not in skip]
             dirnames.sort()
             for fn in sorted(filenames):
                 full = Path(dirpath) / fn
-                st = os.lstat(full)
-                if stat.S_ISLNK(st.st_mode):
-                    st = os.stat(full)  # follow links: content is what matters
+                try:
+                    st = os.stat(full)
+                except OSError as exc:
+                    raise UnhashableFile(f"{full}: {exc.strerror or exc}") from None
+                if not stat.S_ISREG(st.st_mode):
+                    raise UnhashableFile(f"{full}: not a regular file")
                 rel = full.relative_to(root).as_posix()
                 manifest[rel] = {"digest": self.file(full, st), "size": st.st_size,
                                  "x": bool(st.st_mode & stat.S_IXUSR)}
         return manifest
 
-    def source(self, path: Path) -> str:
+    def source(self, path: Path, skip: tuple[Path, ...] = ()) -> str:
         """Digest of a source path: a file's content, or a folder's tree."""
         if path.is_dir():
-            return "tree:" + tree_digest(self.tree(path))
-        return self.file(path)
+            return "tree:" + tree_digest(self.tree(path, skip))
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise UnhashableFile(f"{path}: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise UnhashableFile(f"{path}: not a regular file")
+        return self.file(path, st)
 
     def close(self) -> None:
         """Merge our new entries into the file (another build may have added its own)."""

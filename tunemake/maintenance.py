@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from tunemake.errors import UserError
 from tunemake.store import FileLock, Store, rmtree
 
-SIZE_RE = re.compile(r"^\s*([\d.]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:

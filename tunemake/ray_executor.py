@@ -58,6 +58,8 @@ class RayExecutor:
             raise StepRejected(f"needs {target.gpus} GPU(s) but the Ray cluster has {int(available)}")
         sources = engine.upload_sources(target)
         deps = {d: engine.store.get_state(d)["outputs"] for d in target.target_deps}
+        # dependencies built or restored before the remote was in use must reach the workers too
+        self.remote.push(engine.store, [e["digest"] for m in deps.values() for e in m.values()])
         options = {"num_cpus": 1, "num_gpus": target.gpus}
         if target.gpus:
             options["max_calls"] = 1  # a fresh worker process per GPU task: memory is returned
@@ -98,7 +100,8 @@ class RayStep:
         return self.result["code"]
 
     def kill(self) -> None:
-        self.ray.cancel(self.ref, force=True)
+        if self.result is None:
+            self.ray.cancel(self.ref, force=True)
 
     def finish(self, engine, key: str, parts: dict) -> dict:
         """The worker uploaded the blobs: verify them into the local store and record the action."""

@@ -48,6 +48,9 @@ class Remote:
                 raise UserError(f"remote cache {self.url}: {exc} ({hint})") from None
             except ValueError as exc:
                 raise UserError(f"remote cache {self.url}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - e.g. an ftp:// server that refuses the connection
+                self.broken = f"remote cache {self.url} unavailable ({type(exc).__name__}: {exc})"
+                raise RemoteError(self.broken) from None
         return self._fs
 
     def _path(self, *parts: str) -> str:
@@ -156,18 +159,33 @@ def action_blobs(entry: dict) -> list[str]:
 
 def check_manifest(entry: dict) -> None:
     """Refuse manifests that would write outside the target's folder."""
+    from tunemake.hashing import tree_digest
+
     outputs = entry["outputs"]
     if not isinstance(outputs, dict):
         raise ValueError("outputs is not a table")
     for rel, e in outputs.items():
         parts = rel.split("/")
-        if rel.startswith("/") or "\\" in rel or ".." in parts or "" in parts or rel.startswith("~"):
+        if (rel.startswith(("/", "~")) or "\\" in rel or any(p in ("", ".", "..") for p in parts)
+                or any(ord(c) < 32 for c in rel)):
             raise ValueError(f"unsafe output path {rel!r}")
-        digest = e["digest"]
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        if not _is_digest(e["digest"]):
             raise ValueError(f"bad digest for {rel!r}")
         if not isinstance(e["size"], int) or e["size"] < 0:
             raise ValueError(f"bad size for {rel!r}")
+    names = set(outputs)
+    for rel in outputs:  # a file cannot also be a folder of other outputs
+        parts = rel.split("/")
+        if any("/".join(parts[:i]) in names for i in range(1, len(parts))):
+            raise ValueError(f"output {rel!r} lies inside another output file")
+    if entry.get("log") is not None and not _is_digest(entry["log"]):
+        raise ValueError("bad log digest")
+    if entry.get("tree") != tree_digest(outputs):
+        raise ValueError("tree digest does not match the outputs")
+
+
+def _is_digest(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def _parallel(fn, items: list[str]) -> None:

@@ -57,9 +57,10 @@ class RunningStep:
         return None
 
     def kill(self) -> None:
+        """SIGKILL the step's whole process group (the step itself may already have exited)."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             pass
         self.proc.wait()
 

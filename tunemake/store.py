@@ -57,27 +57,31 @@ class Store:
         return self.blob_path(digest).exists()
 
     def ingest(self, src: Path, digest: str, executable: bool) -> None:
-        """Move a finished output file into the store (a rename: same filesystem, atomic)."""
+        """Move a finished output file into the store (a rename: same filesystem, atomic).
+
+        The fresh file always replaces an existing blob of the same digest: that blob may have
+        been damaged through a hardlink, and the fresh bytes are known to match the digest.
+        """
         dst = self.blob_path(digest)
-        if dst.exists():
-            src.unlink()
-            return
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_symlink():  # store content, not links that may point anywhere
-            real = src.with_name(src.name + ".deref")
-            shutil.copyfile(src, real)
+        st = os.lstat(src)
+        if stat.S_ISLNK(st.st_mode) or st.st_nlink > 1 or not stat.S_ISREG(st.st_mode):
+            # a link (to a source, a dependency's output, anything): store a private copy,
+            # never the shared inode, or later edits of the original would reach the cache
+            tmp = dst.with_name(f"{dst.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:6]}")
+            shutil.copyfile(src, tmp)
             src.unlink()
-            src = real
+            src = tmp
         os.chmod(src, 0o555 if executable else 0o444)
         try:
-            os.rename(src, dst)
+            os.replace(src, dst)
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
             tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
             shutil.copyfile(src, tmp)
             os.chmod(tmp, 0o555 if executable else 0o444)
-            os.rename(tmp, dst)
+            os.replace(tmp, dst)
             src.unlink()
 
     def put_bytes(self, data: bytes) -> str:
@@ -112,12 +116,10 @@ class Store:
 
     # -- action cache -------------------------------------------------------
     def get_action(self, key: str) -> dict | None:
-        try:
-            return json.loads(self.action_path(key).read_text())
-        except FileNotFoundError:
+        entry = read_json(self.action_path(key))  # a torn or unreadable entry is a miss, never a crash
+        if entry is None or not isinstance(entry.get("outputs"), dict) or "tree" not in entry:
             return None
-        except (OSError, ValueError):
-            return None  # a torn or unreadable entry is a miss, never a crash
+        return entry
 
     def put_action(self, key: str, entry: dict) -> None:
         write_json_atomic(self.action_path(key), entry)
@@ -130,20 +132,19 @@ class Store:
         if not ac.is_dir():
             return
         for path in ac.glob("*/*.json"):
-            try:
-                yield path.stem, json.loads(path.read_text()), path
-            except (OSError, ValueError):
-                continue
+            entry = read_json(path)
+            if entry is not None and isinstance(entry.get("outputs"), dict):
+                yield path.stem, entry, path
 
     def action_complete(self, entry: dict) -> bool:
         return all(self.has_blob(e["digest"]) for e in entry["outputs"].values())
 
     # -- per-target state ---------------------------------------------------
     def get_state(self, target: str) -> dict | None:
-        try:
-            return json.loads(self.state_path(target).read_text())
-        except (OSError, ValueError):
+        state = read_json(self.state_path(target))
+        if state is None or not all(k in state for k in ("key", "tree", "outputs", "materialized")):
             return None
+        return state
 
     def put_state(self, target: str, state: dict) -> None:
         write_json_atomic(self.state_path(target), state)
@@ -169,9 +170,17 @@ class Store:
 
     @staticmethod
     def intact(record: dict[str, list], dest: Path) -> list[str]:
-        """Materialized files whose stat no longer matches: deleted or edited by the user."""
+        """Materialized files whose stat no longer matches (deleted or edited by the user),
+        and files added beside them (dependents would read them)."""
         changed = []
+        present = 0
+        for _root, _dirs, files in os.walk(dest):
+            present += len(files)
+        if present != len(record):
+            changed.append("(files added or removed)")
         for rel, (ino, size, mtime_ns, _how) in record.items():
+            if changed and changed[0] == "(files added or removed)":
+                break
             try:
                 st = os.stat(dest / rel)
             except OSError:
@@ -186,11 +195,14 @@ class Store:
             os.chmod(target, 0o755 if executable else 0o644)
             return "reflink"
         if self.link == "hardlink" or (self.link == "auto" and size >= SMALL_FILE):
-            try:
-                os.link(blob, target)
-                return "link"
-            except OSError:
-                pass  # other filesystem, or links unsupported: fall back to a copy
+            # a blob shared by outputs that differ only in the executable bit has one mode:
+            # link only when it is the mode this output needs
+            if bool(os.stat(blob).st_mode & stat.S_IXUSR) == executable:
+                try:
+                    os.link(blob, target)
+                    return "link"
+                except OSError:
+                    pass  # other filesystem, or links unsupported: fall back to a copy
         shutil.copyfile(blob, target)
         os.chmod(target, 0o755 if executable else 0o644)
         return "copy"
@@ -211,6 +223,15 @@ class Store:
         path = self.root / "locks" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object from disk, or None if it is missing, torn or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def write_json_atomic(path: Path, obj) -> None:

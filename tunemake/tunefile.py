@@ -26,7 +26,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 TUNEFILE = "tunefile.toml"
 PARSE_CACHE = ".tunecache/tunefile.parsed.json"
-PARSE_FORMAT = 2
+PARSE_FORMAT = 3
+MAX_NAME = 120  # target names become folder names
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 INTERP_RE = re.compile(r"\$\{(vars|matrix)\.([A-Za-z0-9_\-]+)\}")
 
@@ -136,7 +137,7 @@ def _watched_files(project: Project) -> list[str]:
 
 def _stat_sig(path: str):
     try:
-        st = os.stat(path)
+        st = os.lstat(path)  # lstat: repointing a symlink must invalidate the parse
     except OSError:
         return None
     return [st.st_mtime_ns, st.st_size, st.st_ino]
@@ -147,14 +148,17 @@ def _cached_parse(cache_file: Path, signature: str, path: Path) -> Project | Non
         data = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         return None
-    if data.get("signature") != signature:
+    if not isinstance(data, dict) or data.get("signature") != signature:
         return None
-    if any(_stat_sig(f) != sig for f, sig in data["watched"].items()):
-        return None
-    p = data["project"]
-    targets = {name: Target(**t) for name, t in p["targets"].items()}
-    return Project(path, path.parent, targets, p["default"], p["groups"], p["cache_subdir"], p["link"], p["vars"],
-                   p["remote"])
+    try:
+        if any(_stat_sig(f) != sig for f, sig in data["watched"].items()):
+            return None
+        p = data["project"]
+        targets = {name: Target(**t) for name, t in p["targets"].items()}
+        return Project(path, path.parent, targets, p["default"], p["groups"], p["cache_subdir"], p["link"],
+                       p["vars"], p["remote"])
+    except (KeyError, TypeError, AttributeError):
+        return None  # a damaged cache file: parse again
 
 
 def _save_parse(cache_file: Path, signature: str, project: Project) -> None:
@@ -189,9 +193,9 @@ def _parse(path: Path, text: str, overrides: list[str]) -> Project:
                       "unknown top-level key (expected: default, vars, cache, [target.NAME] tables)")
 
     sets = _parse_overrides(fname, overrides)
+    if not isinstance(data.get("vars", {}), dict):
+        raise located(fname, locate.top("vars"), None, "vars", "must be a table of values")
     variables = dict(data.get("vars", {}))
-    if not isinstance(variables, dict):
-        raise located(fname, locate.top("vars"), None, "vars", "must be a table")
     for name, value in sets.pop("vars", {}).items():
         variables[name] = value
 
@@ -213,10 +217,13 @@ def _parse(path: Path, text: str, overrides: list[str]) -> Project:
     for name, table in tables.items():
         if not isinstance(table, dict):
             raise located(fname, locate.top(f"target.{name}"), name, None, "must be a table")
-        if not NAME_RE.match(name):
+        if not NAME_RE.match(name) or len(name) > MAX_NAME:
             raise located(fname, locate.table(name), name, None,
-                          "target names may use letters, digits, '_' and '-' only")
+                          f"target names may use letters, digits, '_' and '-' only, at most {MAX_NAME} characters")
         for member, member_table in _expand_matrix(fname, locate, name, table):
+            if member in raw:
+                raise located(fname, locate.key(f"target.{name}", "matrix"), name, "matrix",
+                              f"two targets would be named '{member}' (matrix values must give distinct names)")
             raw[member] = (name, _interpolate(fname, locate, name, member_table, variables, {}))
         if "matrix" in table:
             groups[name] = [m for m, (fam, _) in raw.items() if fam == name]
@@ -238,7 +245,8 @@ def _parse(path: Path, text: str, overrides: list[str]) -> Project:
     project_dir = path.parent
     targets: dict[str, Target] = {}
     for name, (kind, model) in validated.items():
-        targets[name] = _resolve(fname, locate, project_dir, name, kind, model, validated, groups, raw[name][0])
+        targets[name] = _resolve(fname, locate, project_dir, name, kind, model, validated, groups, raw[name][0],
+                                 cache.dir)
 
     default = data.get("default", [])
     if isinstance(default, str):
@@ -295,7 +303,7 @@ def _expand_matrix(fname: str, locate: "_Locator", name: str, table: dict):
     axes = list(matrix)
     for combo in itertools.product(*(matrix[a] for a in axes)):
         member = name + "@" + "-".join(str(v) for v in combo)
-        if not NAME_RE.match(member.replace("@", "_")):
+        if not NAME_RE.match(member.replace("@", "_")) or len(member) > MAX_NAME:
             raise located(fname, locate.key(f"target.{name}", "matrix"), name, "matrix",
                           f"value {combo!r} does not make a valid target name")
         values = dict(zip(axes, combo))
@@ -337,6 +345,8 @@ def _interpolate(fname, locate, target, value, variables, matrix, matrix_only=Fa
 def _validate(fname: str, locate: "_Locator", family: str, name: str, table: dict, overridden: set):
     section = f"target.{family}"
     kind_name = table.get("kind")
+    if kind_name is not None and not isinstance(kind_name, str):
+        raise located(fname, locate.key(section, "kind"), name, "kind", f"must be a string, not {kind_name!r}")
     if kind_name is None:
         raise located(fname, locate.table(family), name, "kind", f"missing (one of: {', '.join(kinds.available())})")
     try:
@@ -359,7 +369,8 @@ def _validate(fname: str, locate: "_Locator", family: str, name: str, table: dic
     return kind, model
 
 
-def _resolve(fname, locate, project_dir: Path, name: str, kind, model, targets, groups, family: str) -> Target:
+def _resolve(fname, locate, project_dir: Path, name: str, kind, model, targets, groups, family: str,
+             cache_dir: str) -> Target:
     target = Target(name=name, kind=kind.name, module=kind.module, line=locate.table(family),
                     packages=list(kind.packages_for(model)), device_sensitive=kind.device_sensitive,
                     gpus=int(kind.resources(model).get("gpus", 0) or 0))
@@ -402,7 +413,14 @@ def _resolve(fname, locate, project_dir: Path, name: str, kind, model, targets, 
                 key_vals.append(f"target:{item}")
                 child_vals.append(str(project_dir / "targets" / owner / inside))
                 continue
+            first = (Path(os.path.normpath(item)).parts or ("",))[0] if not Path(item).is_absolute() else ""
+            if first in ("targets", cache_dir.strip("/").split("/")[0]):
+                raise located(fname, locate.key(f"target.{family}", fld), target.name, fld,
+                              f"'{item}' is inside {first}/, which tunemake manages: name the target instead")
             source = _source_path(project_dir, item)
+            problem = source is not None and _check_source(project_dir, source)
+            if problem:
+                raise located(fname, locate.key(f"target.{family}", fld), target.name, fld, problem)
             if source is not None:
                 if source not in target.sources:
                     target.sources.append(source)
@@ -440,15 +458,25 @@ def _resolve(fname, locate, project_dir: Path, name: str, kind, model, targets, 
 
 
 def _source_path(project_dir: Path, item: str) -> str | None:
-    """The path relative to the project, if it exists; sources live inside the project or are absolute."""
+    """The path relative to the project (symlinks kept as written), if it exists."""
     path = Path(item)
-    full = path if path.is_absolute() else project_dir / path
-    if not full.exists():
+    full = Path(os.path.normpath(path if path.is_absolute() else project_dir / path))
+    if not os.path.lexists(full):
         return None
     try:
-        return full.resolve().relative_to(project_dir.resolve()).as_posix()
+        return full.relative_to(project_dir).as_posix()
     except ValueError:
-        return str(full.resolve())
+        return str(full)
+
+
+def _check_source(project_dir: Path, source: str) -> str | None:
+    """Why a source path cannot be tracked, or None."""
+    full = project_dir / source
+    if not full.exists():
+        return f"'{source}' is a broken symlink"
+    if not (full.is_file() or full.is_dir()):
+        return f"'{source}' is not a regular file or folder"
+    return None
 
 
 def _first_error(exc, model: type | None = None) -> tuple[str, str]:

@@ -35,7 +35,7 @@ class Params(BaseModel):
     def _relative(cls, value):
         for out in value:
             parts = out.replace("\\", "/").split("/")
-            if out.startswith("/") or ".." in parts or not out.strip():
+            if out.startswith("/") or ".." in parts or not out.strip() or all(p in ("", ".") for p in parts):
                 raise ValueError(f"'{out}' must be a relative path inside the output folder")
         return value
 

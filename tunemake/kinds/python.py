@@ -43,7 +43,7 @@ def _module_file(module: str, project_dir) -> str | None:
         sys.path.insert(0, str(project_dir))
     try:
         spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
+    except Exception:  # noqa: BLE001 - a broken parent package (SyntaxError, ...) is the user's error
         return None
     return spec.origin if spec is not None and spec.origin not in (None, "built-in", "frozen") else None
 
@@ -51,7 +51,8 @@ def _module_file(module: str, project_dir) -> str | None:
 def validate(params: Params, project_dir) -> None:
     module = params.function.split(":")[0]
     if _module_file(module, project_dir) is None:
-        raise ValueError(f"function: module '{module}' not found (looked in {project_dir} and the installed packages)")
+        raise ValueError(f"function: module '{module}' not found or its package fails to import "
+                         f"(looked in {project_dir} and the installed packages)")
 
 
 def code_files(params: Params, project_dir) -> list[str]:

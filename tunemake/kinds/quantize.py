@@ -135,17 +135,14 @@ def run(params: Params, ctx) -> None:
     args = read_config(source)
     with torch.device("meta"):
         model = Transformer(args)
-    tensor_files = _safetensors_tensor_files(source)
-    shapes = {}
-    for name, path in tensor_files.items():
-        with safe_open(str(path), framework="pt") as f:
-            shapes[name] = torch.empty(f.get_slice(name).get_shape(), device="meta")
+    shapes, tensor_files = _safetensors_shapes(source)
     state_names = list(checked_state_dict(model, shapes, tensor_files, source))
     linear_names = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    # (output name, source tensor) for every tensor written; tied embeddings get a quantized lm_head of their own
+
     def excluded(module_name: str) -> bool:
         return any(fnmatch.fnmatchcase(module_name, pattern) for pattern in params.exclude)
 
+    # (output name, source tensor) for every tensor written; tied embeddings get a quantized lm_head of their own
     plan = [(name, name) for name in state_names]
     state_dict, quantized, padded, kept = {}, [], {}, {}
     if getattr(model, "lm_head", None) is None:
@@ -231,20 +228,24 @@ def _resolve_device(name: str):
     return torch.device(name)
 
 
-def _safetensors_tensor_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it, single-file or sharded."""
+def _safetensors_shapes(folder: Path) -> tuple[dict, dict[str, Path]]:
+    """Meta tensors with the shape of every tensor in the checkpoint, and the file holding each."""
+    import torch
     from safetensors import safe_open
 
     from tunemake.models.checkpoint import weight_files
 
-    files = weight_files(folder)
-    for path in set(files.values()):
+    shapes, files = {}, {}
+    for path in sorted(set(weight_files(folder).values())):
         if path.suffix != ".safetensors":
             raise ValueError(f"model: {path} is not safetensors; quantize reads safetensors checkpoints only")
-    if "" in files:
-        with safe_open(str(files[""]), framework="pt") as f:
-            return {name: files[""] for name in f.keys()}
-    return files
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if name in files:
+                    raise ValueError(f"{path}: tensor {name!r} also appears in {files[name]}")
+                shapes[name] = torch.empty(f.get_slice(name).get_shape(), device="meta")
+                files[name] = path
+    return shapes, files
 
 
 def _return_freed_memory_to_the_os() -> None:
