@@ -35,6 +35,16 @@ TINY = dict(vocab_size=384, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_d
 TIED = dict(TINY, vocab_size=392, tie_word_embeddings=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on the shared 2-core machine OpenMP barriers
+    waiting for descheduled threads made this file take 58 s instead of 6 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_checkpoint(folder: Path, **overrides) -> Path:
     args = ModelArgs(**{**TINY, **overrides})
     torch.manual_seed(0)
@@ -128,8 +138,8 @@ def test_each_scheme_reloads_bit_exact(tied, tmp_path, scheme, capsys):
 def test_int4_group_256_is_packed_and_smaller_than_int8(tied, tmp_path):
     info = build(tied, tmp_path / "int4", scheme="int4_weight_only")
     assert info["config"] == {
-        "config": "tunemake int4_cpu_weight (torchao Int4OpaqueTensor.from_hp without its group size <= 128 "
-                  "and out_features % 16 limits)",
+        "config": "tunemake.models.quantized.int4_cpu_weight",
+        "note": "torchao Int4OpaqueTensor.from_hp's steps without its group_size <= 128 and out_features % 16 limits",
         "group_size": 256, "packing": "int4pack_for_cpu", "tensor": "Int4OpaqueTensor"}
     int8 = build(tied, tmp_path / "int8", scheme="int8_weight_only")
     assert info["bytes_after"] < 0.75 * int8["bytes_after"]
@@ -259,21 +269,23 @@ def test_params_defaults_and_errors_name_the_field():
     params = quantize.Params(model="base", scheme="int4_weight_only")
     assert params.model_dump() == {"model": "base", "scheme": "int4_weight_only", "groupsize": 256,
                                    "dtype": "bfloat16", "device": "auto", "exclude": []}
-    bad = [
-        (dict(scheme="int3_weight_only"), "scheme"),
-        (dict(scheme="int4_weight_only", groupsize=100), "groupsize: must be a power of two"),
-        (dict(scheme="int4_weight_only", groupsize=512), "groupsize: int4_weight_only kernels take"),
-        (dict(scheme="int8_dynamic_activation_int4_weight", groupsize=0), "groupsize: must be a power of two"),
-        (dict(scheme="int8_weight_only", groupsize=128), "groupsize: int8_weight_only quantizes per output channel"),
-        (dict(scheme="int4_weight_only", dtype="float32"), "dtype: int4_weight_only needs bfloat16"),
-        (dict(scheme="int8_weight_only", dtype="float64"), "dtype"),
-        (dict(scheme="int8_weight_only", device="tpu"), "device"),
-        (dict(scheme="int8_weight_only", exclude=[" "]), "exclude: patterns must not be empty"),
-        (dict(scheme="int8_weight_only", group_size=64), "group_size"),
+    bad = [  # (fields, the field pydantic reports, message)
+        (dict(scheme="int3_weight_only"), "scheme", "Input should be"),
+        (dict(scheme="int4_weight_only", groupsize=100), "groupsize", "must be a power of two, got 100"),
+        (dict(scheme="int4_weight_only", groupsize=512), "groupsize", "int4_weight_only kernels take"),
+        (dict(scheme="int8_dynamic_activation_int4_weight", groupsize=0), "groupsize", "must be a power of two"),
+        (dict(scheme="int8_weight_only", groupsize=128), "groupsize", "int8_weight_only quantizes per output channel"),
+        (dict(scheme="int4_weight_only", dtype="float32"), "dtype", "int4_weight_only needs bfloat16"),
+        (dict(scheme="int8_weight_only", dtype="float64"), "dtype", "Input should be"),
+        (dict(scheme="int8_weight_only", device="tpu"), "device", "Input should be"),
+        (dict(scheme="int8_weight_only", exclude=[" "]), "exclude", "patterns must not be empty"),
+        (dict(scheme="int8_weight_only", group_size=64), "group_size", "Extra inputs are not permitted"),
     ]
-    for fields, message in bad:
-        with pytest.raises(pydantic.ValidationError, match=message):
+    for fields, field, message in bad:
+        with pytest.raises(pydantic.ValidationError) as caught:
             quantize.Params(model="base", **fields)
+        error = caught.value.errors()[0]
+        assert error["loc"] == (field,) and message in error["msg"], (fields, error)
     assert quantize.Params(model="b", scheme="int8_dynamic_activation_int4_weight", groupsize=32).groupsize == 32
 
 
@@ -331,3 +343,62 @@ def test_summary_and_resources(tied, tmp_path, monkeypatch):
 def test_kind_module_does_not_import_torch():
     code = "import sys, tunemake.kinds.quantize; sys.exit('torch' in sys.modules or 'torchao' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_sharded_checkpoint_quantizes_like_a_single_file(tied, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (sharded / name).write_text((tied / name).read_text())
+    tensors = load_file(tied / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file_name, shard_names in shards.items():
+        save_file({name: tensors[name] for name in shard_names}, sharded / file_name)
+    weight_map = {name: file_name for file_name, shard_names in shards.items() for name in shard_names}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    build(sharded, tmp_path / "from_shards", scheme="int4_weight_only")
+    build(tied, tmp_path / "from_file", scheme="int4_weight_only")
+    assert torch.equal(logits(load_model(tmp_path / "from_shards")), logits(load_model(tmp_path / "from_file")))
+
+
+def test_checkpoint_lacking_a_tensor_fails_before_writing(tied, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tied / "config.json").read_text())
+    tensors = load_file(tied / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, broken / "model.safetensors")
+    with pytest.raises(ValueError, match="lacks tensor 'model.layers.1.mlp.up_proj.weight'"):
+        build(broken, tmp_path / "out", scheme="int8_weight_only")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_builds_shows_and_reuses_the_quantized_target(project, tmp_path):
+    random_checkpoint(project.root / "base", **TIED)
+    project.tunefile("""
+        [target.int4]
+        kind = "quantize"
+        model = "base"
+        scheme = "int4_weight_only"
+        exclude = ["lm_head"]
+    """)
+    project.build("int4")
+    out = project.root / "targets" / "int4"
+    info = json.loads((out / "quantization.json").read_text())
+    assert info["groupsize"] == 256 and len(info["quantized"]) == 14 and len(info["padded"]) == 2
+    direct = tmp_path / "direct"
+    build(project.root / "base", direct, scheme="int4_weight_only", exclude=["lm_head"])
+    assert torch.equal(logits(load_model(out)), logits(load_model(direct)))
+
+    shown = project.run("show", "int4", check=True).stdout
+    assert "linear layers: 14 quantized (2 padded), 1 kept in bfloat16" in shown
+    log = "\n".join(p.read_text() for p in project.root.rglob("*.log"))
+    assert "padded (not skipped): 2 linear layers with in_features 320 -> 512" in log
+    project.build("int4")
+    assert json.loads((out / "quantization.json").read_text()) == info  # restored, not rebuilt

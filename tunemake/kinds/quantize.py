@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 INPUTS = ("model",)
 PACKAGES = ("python", "torch", "torchao", "safetensors")
@@ -38,32 +38,45 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(description="a target or a path giving a Hugging Face checkpoint folder")
     scheme: SCHEMES
-    groupsize: int | None = Field(default=None, description="int4 schemes only; default 256")
+    # checked against scheme (declared before it), and filled in when left out so the key does not change
+    groupsize: int | None = Field(default=None, validate_default=True, description="int4 schemes only; default 256")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     exclude: list[str] = Field(default_factory=list, description="fnmatch patterns of linear layers kept in dtype")
 
-    @model_validator(mode="after")
-    def _check_scheme_fields(self):
-        if self.scheme in GROUPED_SCHEMES:
-            if self.groupsize is None:
-                self.groupsize = DEFAULT_GROUPSIZE
-            size = self.groupsize
-            if size < 2 or size & (size - 1):
-                raise ValueError(f"groupsize: must be a power of two, got {size}")
-            if self.scheme == "int4_weight_only" and size not in INT4_KERNEL_GROUPSIZES:
-                raise ValueError(f"groupsize: int4_weight_only kernels take 32, 64, 128 or 256, got {size}")
-        elif self.groupsize is not None:
-            raise ValueError(f"groupsize: {self.scheme} quantizes per output channel and takes no groupsize")
-        if self.scheme == "int4_weight_only" and self.dtype != "bfloat16":
+    @field_validator("groupsize")
+    @classmethod
+    def _groupsize_fits_scheme(cls, size: int | None, info: ValidationInfo) -> int | None:
+        scheme = info.data.get("scheme")
+        if scheme is None:  # scheme itself was invalid and is reported on its own
+            return size
+        if scheme not in GROUPED_SCHEMES:
+            if size is not None:
+                raise ValueError(f"{scheme} quantizes per output channel and takes no groupsize")
+            return None
+        size = DEFAULT_GROUPSIZE if size is None else size
+        if size < 2 or size & (size - 1):
+            raise ValueError(f"must be a power of two, got {size}")
+        if scheme == "int4_weight_only" and size not in INT4_KERNEL_GROUPSIZES:
+            raise ValueError(f"int4_weight_only kernels take 32, 64, 128 or 256, got {size}")
+        return size
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype_fits_scheme(cls, dtype: str, info: ValidationInfo) -> str:
+        if info.data.get("scheme") == "int4_weight_only" and dtype != "bfloat16":
             raise ValueError(
-                f"dtype: int4_weight_only needs bfloat16 (torchao's packed int4 kernels: CUDA tinygemm "
-                f"accepts only bf16, the CPU one is fast only in bf16), got {self.dtype}"
+                f"int4_weight_only needs bfloat16 (torchao's packed int4 kernels: CUDA tinygemm accepts "
+                f"only bf16, the CPU one is fast only in bf16), got {dtype}"
             )
-        for pattern in self.exclude:
-            if not pattern.strip():
-                raise ValueError("exclude: patterns must not be empty")
-        return self
+        return dtype
+
+    @field_validator("exclude")
+    @classmethod
+    def _patterns_not_empty(cls, patterns: list[str]) -> list[str]:
+        if any(not pattern.strip() for pattern in patterns):
+            raise ValueError("patterns must not be empty")
+        return patterns
 
 
 def validate(params: Params, project_dir) -> None:

@@ -63,8 +63,8 @@ def quantize_weight(
         return _quantize_with_config(pad_in_features(weight, groupsize), config), used  # not row-separable
     if scheme == "int4_weight_only":
         used = {
-            "config": "tunemake int4_cpu_weight (torchao Int4OpaqueTensor.from_hp without its group size <= 128 "
-                      "and out_features % 16 limits)",
+            "config": "tunemake.models.quantized.int4_cpu_weight",
+            "note": "torchao Int4OpaqueTensor.from_hp's steps without its group_size <= 128 and out_features % 16 limits",
             "group_size": groupsize,
             "packing": "int4pack_for_cpu",
             "tensor": "Int4OpaqueTensor",
