@@ -116,7 +116,8 @@ def int4_candidate(name: str):
     if name == "legacy_Int4WeightOnlyQuantizer_g256":
         from torchao.quantization import Int4WeightOnlyQuantizer
 
-        return Int4WeightOnlyQuantizer(groupsize=256, device=torch.device("cpu"), precision=torch.bfloat16).quantize(model)
+        quantizer = Int4WeightOnlyQuantizer(groupsize=256, device=torch.device("cpu"), precision=torch.bfloat16)
+        return quantizer.quantize(model)
     for module in list(model.modules()):
         if isinstance(module, nn.Linear):
             weight = module.weight.detach()
@@ -231,7 +232,8 @@ def main() -> None:
             print(f"int4 candidate {candidate}: {result['error']}")
         else:
             speed = result["tokens_per_second"]
-            print(f"int4 candidate {candidate}: decode {speed:.1f} tok/s ({speed / report['bf16_tokens_per_second']:.2f}x bf16)")
+            relative = speed / report["bf16_tokens_per_second"]
+            print(f"int4 candidate {candidate}: decode {speed:.1f} tok/s ({relative:.2f}x bf16)")
     (OUT / "quantize.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {OUT / 'quantize.json'}")
 

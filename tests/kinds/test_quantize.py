@@ -321,6 +321,12 @@ def test_reload_refuses_cpu_int4_on_cuda_and_mismatched_tensors(tied, tmp_path):
     build(tied, tmp_path / "out", scheme="int4_weight_only", groupsize=64)
     with pytest.raises(ValueError, match="int4 weights are packed for cpu, cannot load on cuda"):
         load_quantized_model(tmp_path / "out", device="cuda")
+    record = tmp_path / "out" / "quantization.json"
+    info = json.loads(record.read_text())
+    record.write_text(json.dumps({**info, "dtype": None}))
+    with pytest.raises(ValueError, match="quantization.json: field 'dtype' is missing or not a string"):
+        load_model(tmp_path / "out")
+    record.write_text(json.dumps(info))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     config["num_hidden_layers"] = 1
     (tmp_path / "out" / "config.json").write_text(json.dumps(config))

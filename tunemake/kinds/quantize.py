@@ -114,8 +114,10 @@ def summary(out_dir) -> str:
     group = f", group size {info['groupsize']}" if info.get("groupsize") else ""
     config = info["config"]
     lines = [
-        f"{info['scheme']}{group}, {info['dtype']} on {info['device']}: {config.get('config')} -> {config.get('tensor')}",
-        f"linear layers: {len(info['quantized'])} quantized ({len(info['padded'])} padded), {len(info['kept'])} kept in {info['dtype']}",
+        f"{info['scheme']}{group}, {info['dtype']} on {info['device']}: "
+        f"{config.get('config')} -> {config.get('tensor')}",
+        f"linear layers: {len(info['quantized'])} quantized ({len(info['padded'])} padded), "
+        f"{len(info['kept'])} kept in {info['dtype']}",
         f"weights: {info['bytes_before'] / 1e6:.1f} MB -> {info['bytes_after'] / 1e6:.1f} MB ({info['weights_file']})",
         f"took {info['seconds']:.1f} s, peak RSS {info['peak_rss_bytes'] / 1e6:.0f} MB; "
         f"torch {info['torch_version']}, torchao {info['torchao_version']}",
@@ -190,7 +192,8 @@ def run(params: Params, ctx) -> None:
             in_features, stored_in_features = tensor.shape[1], state_dict[name].shape[1]
             if stored_in_features != in_features:
                 padded[module_name] = {"in_features": in_features, "padded_in_features": stored_in_features}
-                ctx.progress(done, len(plan), f"padded {module_name}: in_features {in_features} -> {stored_in_features}")
+                message = f"padded {module_name}: in_features {in_features} -> {stored_in_features}"
+                ctx.progress(done, len(plan), message)
         del tensor
         ctx.progress(done + 1, len(plan), name)
 
@@ -226,7 +229,8 @@ def run(params: Params, ctx) -> None:
               f"{params.groupsize}; names in {QUANTIZATION_FILE}", flush=True)
     print(
         f"quantized {len(quantized)} linear layers with {params.scheme} ({len(padded)} of them padded), "
-        f"kept {len(kept)} in {params.dtype}; {info['bytes_before'] / 1e6:.1f} MB -> {info['bytes_after'] / 1e6:.1f} MB",
+        f"kept {len(kept)} in {params.dtype}; "
+        f"{info['bytes_before'] / 1e6:.1f} MB -> {info['bytes_after'] / 1e6:.1f} MB",
         flush=True,
     )
 

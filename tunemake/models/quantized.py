@@ -32,7 +32,6 @@ SCHEMES = (
     "int8_dynamic_activation_int4_weight",
     "float8_weight_only",
 )
-GROUPED_SCHEMES = ("int4_weight_only", "int8_dynamic_activation_int4_weight")
 
 
 def quantize_weight(
@@ -64,7 +63,8 @@ def quantize_weight(
     if scheme == "int4_weight_only":
         used = {
             "config": "tunemake.models.quantized.int4_cpu_weight",
-            "note": "torchao Int4OpaqueTensor.from_hp's steps without its group_size <= 128 and out_features % 16 limits",
+            "note": "torchao Int4OpaqueTensor.from_hp's steps without its group_size <= 128 "
+                    "and out_features % 16 limits",
             "group_size": groupsize,
             "packing": "int4pack_for_cpu",
             "tensor": "Int4OpaqueTensor",
@@ -231,9 +231,15 @@ def load_quantized_state_dict(folder: Path, weights_file: str, device: str | tor
 def read_quantization_info(folder: Path) -> dict:
     path = Path(folder) / QUANTIZATION_FILE
     try:
-        return json.loads(path.read_text())
+        info = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: cannot read quantization record: {error}") from None
+    for key in ("scheme", "dtype", "device", "weights_file"):
+        if not isinstance(info.get(key), str):
+            raise ValueError(f"{path}: field {key!r} is missing or not a string")
+    if info["dtype"] not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"{path}: field 'dtype' must be bfloat16, float16 or float32, got {info['dtype']!r}")
+    return info
 
 
 def load_quantized_model(folder, device="cpu", dtype=None):
