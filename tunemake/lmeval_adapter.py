@@ -6,8 +6,8 @@ Loglikelihood requests are deduplicated (multiple-choice answers of one token sh
 the same input), sorted longest first and run in right-padded batches; causal attention
 means padding after a row's last token never changes that row's logits, so no mask is
 needed. Only the positions that score continuation tokens go through the final norm and
-the output projection: with a 49k vocabulary that projection is a fifth of the model's
-work per position, and the log-softmax over it dominates memory.
+the output projection: with a 49k vocabulary (a 135M model) that projection is a fifth
+of the model's work per position, and the log-softmax over it dominates memory.
 """
 
 from __future__ import annotations
