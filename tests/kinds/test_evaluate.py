@@ -70,10 +70,14 @@ def test_constant_model_scores_exactly_the_share_of_yes_answers(project, tmp_pat
     assert evaluate.summary(out) == report
 
 
-def test_same_params_give_identical_results(project):
-    first = run_eval(project, "first", tasks=["tasks/toyfacts.yaml"], limit=6)
-    again = run_eval(project, "again", tasks=["tasks/toyfacts.yaml"], limit=6)
-    assert (first / "results.json").read_bytes() == (again / "results.json").read_bytes()
+def test_same_params_give_identical_output_bytes(project):
+    first = run_eval(project, "first", tasks=["tasks/toyfacts.yaml"], limit=6, log_samples=True)
+    again = run_eval(project, "again", tasks=["tasks/toyfacts.yaml"], limit=6, log_samples=True)
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert [str(f) for f in files] == ["checkpoint.json", "report.md", "results.json", "samples/toyfacts.jsonl"]
+    for name in files:
+        assert (first / name).read_bytes() == (again / name).read_bytes(), name
     yes_among_first_six = sum(answer == 0 for _, answer in TOYFACTS[:6]) / 6
     assert json.loads((first / "results.json").read_text())["results"]["toyfacts"]["acc,none"] == yes_among_first_six
 

@@ -9,7 +9,9 @@ loaded only when a name is not found among the local tasks.
 
 Outputs: results.json (lm-eval's results; per-sample logs in samples/TASK.jsonl with
 log_samples), checkpoint.json (weight bytes and quantization scheme, for the report
-kind), run_info.json and report.md.
+kind) and report.md. All are the same bytes for the same inputs, so targets depending on an
+eval are not rebuilt when it is re-run to the same result; dates, timings and lm-eval's
+environment report go to the step's log instead.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ CODE = ("tunemake.models", "tunemake.lmeval_adapter")
 DEVICE_SENSITIVE = True
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-# lm-eval result fields that change on every run; kept out of results.json so equal runs give equal bytes
+# lm-eval result fields that change on every run: printed to the log, kept out of results.json
 VOLATILE_RESULT_KEYS = (
     "date", "start_time", "end_time", "total_evaluation_time_seconds", "git_hash", "upper_git_hash", "pretty_env_info"
 )
@@ -170,7 +172,7 @@ def evaluate(params: Params, ctx, model_folder: Path, task_names, task_manager, 
     checkpoint = checkpoint_info(model_folder, model_name)
     (out / "checkpoint.json").write_text(json.dumps(checkpoint, indent=2) + "\n")
     run_info.update(load_seconds=round(loaded - started, 3), evaluate_seconds=round(finished - loaded, 3))
-    (out / "run_info.json").write_text(json.dumps(run_info, indent=2, default=str) + "\n")
+    print(json.dumps(run_info, indent=2, default=str), flush=True)
     report = markdown_report(results, checkpoint, params)
     (out / "report.md").write_text(report, encoding="utf-8")
     print(report, flush=True)
