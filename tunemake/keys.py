@@ -22,7 +22,7 @@ def components(project: Project, target: Target, dep_trees: dict[str, str], hash
     return {
         "format": KEY_FORMAT,
         "kind": target.kind,
-        "code": code_digests(target, hasher),
+        "code": code_digests(target, project.dir, hasher),
         "params": target.key_params,
         # output digests, not keys: a dependency rebuilt to identical bytes changes nothing here
         "deps": {dep: dep_trees[dep] for dep in target.target_deps},
@@ -48,14 +48,17 @@ def source_digest(project_dir: Path, source: str, hasher: StatCache, cache_dir: 
         raise UserError(f"source {source}: cannot hash it: {exc}") from None
 
 
-def code_digests(target: Target, hasher: StatCache) -> dict[str, str]:
-    return {_code_label(f): hasher.file(Path(f)) for f in target.code_files}
+def code_digests(target: Target, project_dir: Path, hasher: StatCache) -> dict[str, str]:
+    return {_code_label(f, str(project_dir)): hasher.file(Path(f)) for f in target.code_files}
 
 
 @lru_cache(maxsize=None)
-def _code_label(path: str) -> str:
-    """A path that does not depend on where tunemake is installed: from the top-level package down."""
+def _code_label(path: str, project_dir: str) -> str:
+    """A label that does not depend on where the project or tunemake lives: the path inside the
+    project, else the path from the top-level package down."""
     p = Path(path)
+    if path.startswith(project_dir + os.sep):
+        return p.relative_to(project_dir).as_posix()
     parts = p.parts
     for i in range(len(parts) - 1, -1, -1):
         if not (Path(*parts[: i + 1]).parent / "__init__.py").exists():
