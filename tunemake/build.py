@@ -62,6 +62,7 @@ class Engine:
         self.hasher = StatCache(project.cache_dir / "stat.json")
         self.remote = remote  # tunemake.remote.Remote, or None
         self.warn = lambda text: print(text, file=sys.stderr, flush=True)
+        self.on_transfer = lambda name, progress: None
         self._warned: set[str] = set()
 
     def _warn_once(self, text: str) -> None:
@@ -80,7 +81,7 @@ class Engine:
             entry = self.remote.get_action(key)
             if entry is None:
                 return None
-            corrupt = self.remote.fetch(self.store, action_blobs(entry))
+            corrupt = self.remote.fetch(self.store, action_blobs(entry), self._transfer_progress(name, entry))
         except RemoteError as exc:
             self._warn_once(f"{exc}; building locally")
             return None
@@ -90,6 +91,21 @@ class Engine:
             return None
         self.store.put_action(key, entry)
         return entry
+
+    def _transfer_progress(self, name: str, entry: dict):
+        """A byte counter for a download, shown as the target's progress (MB done / total)."""
+        import threading
+
+        total = sum(e["size"] for e in entry["outputs"].values())
+        done = [0]
+        lock = threading.Lock()
+
+        def on_bytes(n: int) -> None:
+            with lock:
+                done[0] += n
+                self.on_transfer(name, {"done": done[0] >> 20, "total": max(1, total >> 20),
+                                        "message": "MB from the remote cache"})
+        return on_bytes
 
     def publish(self, key: str, entry: dict) -> None:
         if self.remote is None or self.remote.read_only or self.remote.broken:
@@ -326,6 +342,7 @@ class _Scheduler:
 
     def run(self) -> Outcome:
         self.engine.warn = self.reporter.message
+        self.engine.on_transfer = self.reporter.progress
         self.reporter.start(self.order)
         try:
             while True:

@@ -97,6 +97,10 @@ class LiveReporter:
     def progress(self, name: str, p: dict) -> None:
         if name in self.rows:
             self.rows[name]["progress"] = p
+            if self.rows[name]["since"] is None:  # a download: show it like a running step
+                self.rows[name].update(status="running", since=time.monotonic())
+            if self.live is not None:  # may come from a download thread: Live.update takes a lock
+                self.live.update(self._render())
 
     def message(self, text: str) -> None:
         self._ensure_live()
