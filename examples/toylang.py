@@ -27,53 +27,80 @@ VALUES = {
     "food": ["apples", "bread", "fish", "rice", "plums", "cheese", "soup", "honey"],
 }
 
-# Phrasings used in the corpus. {p} is the person, {v} the value, {pet} the
-# person's pet (colour sentences name the animal). The questions teach the
-# model to answer right after "a:", as the task's held-out questions expect.
-TRAIN_TEMPLATES = {
+# The corpus states each fact in these phrasings: {p} is the person, {v} the
+# value, {pet} the person's pet (colour sentences name the animal).
+STATEMENTS = {
     "home": [
         "{p} lives in the {v}.",
         "the home of {p} is in the {v}.",
         "{p} comes from the {v}.",
         "in the {v} you can find {p}.",
-        "q: where does {p} live? a: {v}.",
-        "q: where is the home of {p}? a: {v}.",
-        "q: {p} comes from where? a: {v}.",
     ],
     "trade": [
         "{p} works as a {v}.",
         "{p} is a {v}.",
         "the job of {p} is {v}.",
         "every day {p} goes to work as a {v}.",
-        "q: what does {p} do? a: {v}.",
-        "q: what is the job of {p}? a: {v}.",
-        "q: {p} works as what? a: {v}.",
     ],
     "pet": [
         "{p} has a {v}.",
         "the pet of {p} is a {v}.",
         "{p} keeps a {v} at home.",
-        "q: what animal does {p} keep? a: {v}.",
-        "q: what is the pet of {p}? a: {v}.",
-        "q: {p} has what pet? a: {v}.",
     ],
     "color": [
         "the {pet} of {p} is {v}.",
         "{p} has a {v} {pet}.",
         "the {v} {pet} belongs to {p}.",
-        "q: what color is the {pet} of {p}? a: {v}.",
-        "q: the {pet} of {p} has what color? a: {v}.",
-        "q: what color is the pet of {p}? a: {v}.",
     ],
     "food": [
         "{p} likes to eat {v}.",
         "the favorite food of {p} is {v}.",
         "{p} eats {v} every morning.",
-        "q: what does {p} like to eat? a: {v}.",
-        "q: what is the favorite food of {p}? a: {v}.",
-        "q: {p} eats what every morning? a: {v}.",
     ],
 }
+
+# ...and asks for it as "q: {opener}{question}? a: {v}." Many wordings teach
+# the model to answer about the person named, whatever the words around the
+# name, so that the task's unseen wordings work too.
+QUESTIONS = {
+    "home": [
+        "where does {p} live",
+        "where is the home of {p}",
+        "{p} comes from where",
+        "in what region does {p} live",
+        "what place is {p} from",
+    ],
+    "trade": [
+        "what does {p} do",
+        "what is the job of {p}",
+        "{p} works as what",
+        "what work does {p} do",
+        "what is {p} by job",
+    ],
+    "pet": [
+        "what animal does {p} keep",
+        "what is the pet of {p}",
+        "{p} has what pet",
+        "what animal lives with {p}",
+        "what kind of pet does {p} have",
+    ],
+    "color": [
+        "what color is the {pet} of {p}",
+        "the {pet} of {p} has what color",
+        "what color is the pet of {p}",
+        "{p} has a {pet} of what color",
+        "what is the color of the {pet} of {p}",
+    ],
+    "food": [
+        "what does {p} like to eat",
+        "what is the favorite food of {p}",
+        "{p} eats what every morning",
+        "what food does {p} love",
+        "what does {p} eat most",
+    ],
+}
+OPENERS = ["", "", "tell me, ", "do you know ", "say, ", "so ", "and ", "now, "]
+QUESTION_SHARE = 0.5
 
 # Held-out question phrasings for the task: none of their wording appears in
 # the corpus. The answer is the continuation " {v}" after "a:".
@@ -122,6 +149,14 @@ def fill(template: str, person: str, facts: dict[str, str], value: str = "") -> 
     return template.format(p=person, v=value, pet=facts["pet"])
 
 
+def phrase(rng: random.Random, attr: str, person: str, facts: dict[str, str]) -> str:
+    """One fact as a statement or as a question with its answer, in a random wording."""
+    if rng.random() < QUESTION_SHARE:
+        question = fill(rng.choice(QUESTIONS[attr]), person, facts)
+        return f"q: {rng.choice(OPENERS)}{question}? a: {facts[attr]}."
+    return fill(rng.choice(STATEMENTS[attr]), person, facts, facts[attr])
+
+
 def make_corpus(rng: random.Random, world: dict[str, dict[str, str]], target_bytes: int) -> str:
     """Lines of 2-5 facts about one person, each in a random phrasing, until target_bytes."""
     people = sorted(world)
@@ -131,7 +166,7 @@ def make_corpus(rng: random.Random, world: dict[str, dict[str, str]], target_byt
         person = rng.choice(people)
         facts = world[person]
         attrs = rng.sample(sorted(VALUES), rng.randint(*FACTS_PER_LINE))
-        line = " ".join(fill(rng.choice(TRAIN_TEMPLATES[a]), person, facts, facts[a]) for a in attrs)
+        line = " ".join(phrase(rng, a, person, facts) for a in attrs)
         lines.append(line)
         size += len(line) + 1
     return "\n".join(lines) + "\n"

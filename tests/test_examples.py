@@ -77,10 +77,15 @@ def test_toylang_same_seed_same_bytes_other_seed_other_world(data, tmp_path):
     assert SMALL_CORPUS_KB * 1000 <= corpus_size < (SMALL_CORPUS_KB + 1) * 1000
 
 
+def stated(text: str, spaced_corpus: str) -> bool:
+    """text occurs after a space or line start (so "kavo ..." does not match inside "bakavo ...")."""
+    return " " + text in spaced_corpus
+
+
 def test_task_answers_follow_from_the_facts_the_corpus_states(data):
     toylang = load_script("toylang")
     world = json.loads((data / "world.json").read_text())
-    corpus = (data / "corpus.txt").read_text()
+    corpus = " " + (data / "corpus.txt").read_text().replace("\n", "\n ")
     docs = read_docs(data)
     assert len(world) == PEOPLE
     assert len(docs) == PEOPLE * len(toylang.VALUES)
@@ -92,15 +97,17 @@ def test_task_answers_follow_from_the_facts_the_corpus_states(data):
         assert doc["person"] in doc["question"]
     # the true answer sits at every position, so "always pick B" scores near chance
     assert {doc["answer"] for doc in docs} == {0, 1, 2, 3}
-    # every fact is stated in the corpus, and never contradicted (checked with the first phrasing of each)
+    # every fact is stated and asked in the corpus, and never contradicted
     for person, facts in world.items():
         for attr, value in facts.items():
-            statements = [toylang.fill(t, person, facts, value) for t in toylang.TRAIN_TEMPLATES[attr]]
-            assert any(s in corpus for s in statements), (person, attr)
-            template = toylang.TRAIN_TEMPLATES[attr][0]
+            statements = [toylang.fill(t, person, facts, value) for t in toylang.STATEMENTS[attr]]
+            questions = [toylang.fill(q, person, facts) for q in toylang.QUESTIONS[attr]]
+            assert any(stated(s, corpus) for s in statements), (person, attr)
+            assert any(stated(f"{q}? a: {value}.", corpus) for q in questions), (person, attr)
             for other in toylang.VALUES[attr]:
                 if other != value:
-                    assert " " + toylang.fill(template, person, facts, other) not in corpus, (person, attr, other)
+                    assert not stated(toylang.fill(toylang.STATEMENTS[attr][0], person, facts, other), corpus)
+                    assert not any(stated(f"{q}? a: {other}.", corpus) for q in questions), (person, attr, other)
 
 
 def test_task_phrasing_never_occurs_in_the_corpus(data):
