@@ -1,6 +1,6 @@
 """Train a tiny Llama from scratch on a text corpus (CPU, fp32) and save it in Hugging Face layout.
 
-    python examples/train_model.py --corpus CORPUS.txt --tokenizer TOKENIZER_DIR --out OUT [--steps 600]
+    python examples/train_model.py --corpus CORPUS.txt --tokenizer TOKENIZER_DIR --out OUT [--steps 500]
 
 Every line of the corpus becomes <s> line </s>; the lines are joined into one
 token stream and each step trains on random windows of it (AdamW, linear
@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--corpus", type=Path, required=True)
     parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer folder (train_tokenizer.py output)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--dim", type=int, default=256)
