@@ -102,8 +102,8 @@ QUESTIONS = {
 OPENERS = ["", "", "tell me, ", "do you know ", "say, ", "so ", "and ", "now, "]
 QUESTION_SHARE = 0.5
 
-# Held-out question phrasings for the task: none of their wording appears in
-# the corpus. The answer is the continuation " {v}" after "a:".
+# Held-out question phrasings for the task: the corpus never asks this way
+# (it never even uses "which"). The answer is the continuation " {v}" after "a:".
 TASK_TEMPLATES = {
     "home": "q: which part of the land is home to {p}? a:",
     "trade": "q: which trade does {p} follow? a:",
