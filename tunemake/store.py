@@ -172,15 +172,11 @@ class Store:
     def intact(record: dict[str, list], dest: Path) -> list[str]:
         """Materialized files whose stat no longer matches (deleted or edited by the user),
         and files added beside them (dependents would read them)."""
-        changed = []
-        present = 0
-        for _root, _dirs, files in os.walk(dest):
-            present += len(files)
+        present = sum(len(files) for _root, _dirs, files in os.walk(dest))
         if present != len(record):
-            changed.append("(files added or removed)")
+            return ["(files added or removed)"]
+        changed = []
         for rel, (ino, size, mtime_ns, _how) in record.items():
-            if changed and changed[0] == "(files added or removed)":
-                break
             try:
                 st = os.stat(dest / rel)
             except OSError:
