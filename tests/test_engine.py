@@ -264,6 +264,33 @@ def test_declared_outs(project):
     assert proc.returncode == 1 and "declared output(s) not produced: result.json" in proc.stdout
 
 
+def test_command_step_is_run_directly_and_failures_are_explained(project):
+    # The command runs under a shell guard, not a Python child: a step costs a fork, not an interpreter.
+    project.tunefile("""
+        [target.t]
+        kind = "command"
+        cmd = "cat /proc/$PPID/comm > $TUNEMAKE_OUT/parent"
+        [target.src]
+        kind = "command"
+        cmd = "echo x > $TUNEMAKE_OUT/x"
+        [target.typo]
+        kind = "command"
+        cmd = "cat {deps.sr}/x > $TUNEMAKE_OUT/y"
+        deps = ["src"]
+        [target.missing_program]
+        kind = "command"
+        cmd = ["no-such-program-xyz", "{out}"]
+        """)
+    project.build("t")
+    assert project.read("targets/t/parent").strip() == "sh"
+    assert project.read(".tunecache/logs/t.log").startswith("$ cat /proc/$PPID/comm")
+    proc = project.build("-k", "typo", "missing_program", check=False)
+    assert proc.returncode == 1
+    assert "cmd refers to {deps.sr} but 'sr' is not a dependency target" in proc.stdout
+    assert "command exited with status 127" in project.read(".tunecache/logs/missing_program.log")
+    assert not (project.root / "targets/typo").exists()
+
+
 def test_parallel_jobs_overlap(project):
     stamp = "python3 -c 'import time; print(time.time())'"
     project.tunefile(f"""

@@ -42,6 +42,9 @@ CASES = {
     "outs dot": ('[target.a]\nkind = "command"\ncmd = "x"\nouts = ["."]\n', ["field 'outs'"]),
     "source inside targets": ('[target.a]\nkind = "command"\ncmd = "x"\n[target.b]\nkind = "command"\n'
                               'cmd = "x"\ndeps = ["targets/a"]\n', ["name the target instead"]),
+    "dep env names collide": ('[target.a-b]\nkind = "command"\ncmd = "x"\n[target.a_b]\nkind = "command"\ncmd = "x"\n'
+                              '[target.c]\nkind = "command"\ncmd = "x"\ndeps = ["a-b", "a_b"]\n',
+                              ["tunefile.toml:10", "target 'c'", "field 'deps'", "would share $TUNEMAKE_DEP_A_B"]),
     "python kind missing module": ('[target.a]\nkind = "python"\nfunction = "no_such_mod:fn"\n',
                                    ["tunefile.toml:3", "field 'function'", "module 'no_such_mod' not found"]),
 }

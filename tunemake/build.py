@@ -10,6 +10,7 @@ recorded (blobs first, then the action entry, each by atomic rename).
 from __future__ import annotations
 
 import os
+import select
 import socket
 import stat
 import sys
@@ -25,6 +26,7 @@ from tunemake.store import FileLock, Store, rmtree
 from tunemake.tunefile import Project
 
 POLL_SECONDS = 0.02
+PROGRESS_SECONDS = 0.1  # live progress refresh while every step can wake us by exiting
 
 
 @dataclass
@@ -348,12 +350,12 @@ class _Scheduler:
             while True:
                 self._decide_ready_targets()
                 self._start_steps()
-                self._poll_steps()
+                finished = self._poll_steps()
                 if not self.running and not self.ready and (self.stop_scheduling or not self.decidable):
                     break
-                if self.running or self.ready:
+                if (self.running or self.ready) and not finished:  # a finished step may free a slot
                     self.reporter.tick()
-                    time.sleep(POLL_SECONDS)
+                    self._wait()
         except BaseException:
             for step, _key, _parts, lock in self.running.values():
                 step.kill()
@@ -366,6 +368,15 @@ class _Scheduler:
             if st == "pending":
                 self._set(name, "skipped", "a dependency failed")
         return self.outcome
+
+    def _wait(self) -> None:
+        """Until a step exits (a pidfd turns readable) or it is time to look at progress again."""
+        fds = [getattr(step, "fileno", lambda: None)() for step, *_ in self.running.values()]
+        slots_full = len(self.running) >= self.options.jobs  # then ready steps wait for an exit too
+        if fds and None not in fds and (slots_full or not self.ready):
+            select.select(fds, [], [], PROGRESS_SECONDS)
+        else:  # steps without a pidfd (Ray, older kernels), or steps waiting for a lock
+            time.sleep(POLL_SECONDS)
 
     def _set(self, name: str, status: str, detail: str = "") -> None:
         self.state[name] = status
@@ -454,7 +465,9 @@ class _Scheduler:
             self._set(name, "running", "; ".join(self.outcome.reasons.get(name, []))[:120])
         self.ready = still_ready
 
-    def _poll_steps(self) -> None:
+    def _poll_steps(self) -> int:
+        """Collect the steps that exited; how many did."""
+        finished = 0
         for name in list(self.running):
             step, key, parts, lock = self.running[name]
             p = step.read_progress()
@@ -464,6 +477,7 @@ class _Scheduler:
             if code is None:
                 continue
             del self.running[name]
+            finished += 1
             step.kill()  # background children of the step must not outlive it (or write into its outputs)
             self.free_gpus.extend(step.gpus)
             log_copy = self.engine.store.log_path(name)
@@ -485,6 +499,7 @@ class _Scheduler:
             finally:
                 lock.release()
                 rmtree(step.tmp)
+        return finished
 
     def _fail(self, name: str, detail: str, log: Path | None = None) -> None:
         self._set(name, "failed", detail)

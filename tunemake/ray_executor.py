@@ -3,7 +3,7 @@
 The driver keeps the graph and every cache decision. A worker gets a step's spec plus the
 digests of its sources and dependency outputs, rebuilds a private project folder from the
 remote cache (no shared filesystem is assumed), runs the step exactly as the local executor
-does (`python -m tunemake.step` in its own process group), uploads the outputs' blobs, and
+does (`tunemake.run.start`: its own process group), uploads the outputs' blobs, and
 returns the manifest. A SLURM backend (submitit) would implement the same `start` / handle
 interface.
 """
@@ -147,7 +147,7 @@ def _run_on_worker(spec: dict, sources: dict, deps: dict, remote_url: str, remot
         tmp.mkdir()
         gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]  # set by Ray
         step = run.start(spec["target"], spec["module"], params, project, dep_dirs, tmp, gpus)
-        code = step.proc.wait()
+        code = step.wait()
         log = step.log.read_bytes()
         if code != 0:
             return {"code": code, "log": log}

@@ -1,21 +1,31 @@
 """Runs one step in its own process group (local executor).
 
-The child is `python -m tunemake.step spec.json`; it dies with us (PR_SET_PDEATHSIG)
-and takes its own children along, so killing tunemake never leaves work running.
+The child is `python -m tunemake.step spec.json`, or for kinds that are just a command
+line (the command kind) that command under a small shell guard, which saves a Python
+interpreter per step. Either way the child dies with us (PR_SET_PDEATHSIG) and takes
+its own children along, so killing tunemake never leaves work running.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tunemake
+
+# Signals reach the guard only between commands; so the command runs in the background and
+# the guard waits: on SIGTERM (sent by the kernel when tunemake dies) it kills its group.
+GUARD = 'trap "kill -KILL 0" TERM INT HUP; "$@" & wait $!'
+PR_SET_PDEATHSIG = 1
 
 PACKAGE_ROOT = str(Path(tunemake.__file__).resolve().parent.parent)
 
@@ -32,9 +42,45 @@ class RunningStep:
     started: float = field(default_factory=time.time)
     _offset: int = 0
     last_progress: dict | None = None
+    direct: bool = False  # a command line run as is, not a Python child
+    check: Callable[[], None] | None = None  # run after exit 0; a ValueError fails the step
+    _code: int | None = None
 
     def poll(self) -> int | None:
-        return self.proc.poll()
+        if self._code is None and self.proc.poll() is not None:
+            self._code = self._checked(self.proc.returncode)
+        return self._code
+
+    def wait(self) -> int:
+        self.proc.wait()
+        return self.poll()
+
+    def fileno(self) -> int | None:
+        """A descriptor that becomes readable when the step exits (Linux pidfd), for select()."""
+        if not hasattr(self, "_pidfd"):
+            try:
+                self._pidfd = os.pidfd_open(self.proc.pid)
+            except (AttributeError, OSError):  # not Linux >= 5.3, or already reaped
+                self._pidfd = None
+        return self._pidfd
+
+    def _checked(self, code: int) -> int:
+        if code != 0:
+            if self.direct:  # say what the shell did not
+                self._log_line(f"command exited with status {code}")
+            return code
+        if self.check is not None:
+            self.kill()  # background children must not write into the outputs being checked
+            try:
+                self.check()
+            except ValueError as exc:
+                self._log_line(str(exc))
+                return 1
+        return 0
+
+    def _log_line(self, text: str) -> None:
+        with open(self.log, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
 
     def read_progress(self) -> dict | None:
         """The newest complete progress line the step appended since we last looked."""
@@ -63,6 +109,9 @@ class RunningStep:
         except (ProcessLookupError, PermissionError):
             pass
         self.proc.wait()
+        if getattr(self, "_pidfd", None) is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
 
     def finish(self, engine, key: str, parts: dict) -> dict:
         return engine.finish(self, key, parts)
@@ -104,19 +153,6 @@ def start(target: str, module: str, params: dict, project_dir: Path, deps: dict[
     out.mkdir()
     progress_file = tmp / "progress"
     log = tmp / "log"
-    spec = {
-        "target": target,
-        "module": module,
-        "params": params,
-        "project_dir": str(project_dir),
-        "out": str(out),
-        "deps": deps,
-        "progress_file": str(progress_file),
-        "parent_pid": os.getpid(),
-        "gpus": gpus,
-    }
-    spec_path = tmp / "spec.json"
-    spec_path.write_text(json.dumps(spec))
     env = dict(os.environ)
     env["TUNEMAKE_PROGRESS"] = str(progress_file)
     env["TUNEMAKE_OUT"] = str(out)
@@ -124,13 +160,68 @@ def start(target: str, module: str, params: dict, project_dir: Path, deps: dict[
     env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     env["PYTHONPATH"] = PACKAGE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
-    with open(log, "wb") as log_file:
+    kind = importlib.import_module(module)
+    direct, check = hasattr(kind, "command"), None
+    if direct:
+        from tunemake.step import StepContext
+
+        ctx = StepContext(target=target, out=out, project_dir=Path(project_dir),
+                          deps={k: Path(v) for k, v in deps.items()})
+        try:
+            argv, extra_env = kind.command(params, ctx)
+            log.write_text("$ " + (argv[2] if argv[:2] == ["/bin/sh", "-c"] else " ".join(argv)) + "\n")
+        except ValueError as exc:  # no command line to run: the step fails with the reason in its log
+            argv, extra_env = ["/bin/sh", "-c", "exit 2"], {}
+            log.write_text(f"{exc}\n")
+        env.update(extra_env)
+        argv = ["/bin/sh", "-c", GUARD, "tunemake-step", *argv]
+        if hasattr(kind, "check_outputs"):
+            def check() -> None:
+                kind.check_outputs(params, out)
+        preexec = _die_with_parent(os.getpid())
+    else:
+        spec = {
+            "target": target,
+            "module": module,
+            "params": params,
+            "project_dir": str(project_dir),
+            "out": str(out),
+            "deps": deps,
+            "progress_file": str(progress_file),
+            "parent_pid": os.getpid(),
+            "gpus": gpus,
+        }
+        spec_path = tmp / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        argv = [sys.executable, "-m", "tunemake.step", str(spec_path)]
+        preexec = None  # the step sets its own death signal (tunemake.step.die_with_parent)
+    with open(log, "ab") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tunemake.step", str(spec_path)],
-            cwd=project_dir, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            argv, cwd=project_dir, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: we can kill the whole tree
+            preexec_fn=preexec,  # noqa: PLW1509 - it makes one prctl call and no allocation-heavy work
         )
-    return RunningStep(target, proc, tmp, out, log, progress_file, gpus)
+    return RunningStep(target, proc, tmp, out, log, progress_file, gpus, direct=direct, check=check)
+
+
+@functools.cache
+def _prctl():
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl  # looked up in the parent: the child must not dlopen
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
+    """For the forked child, before exec: SIGTERM when we die (the kernel keeps it across exec)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = _prctl()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # we died between fork and prctl
+            os._exit(1)
+    return preexec
 
 
 def log_tail(path: Path, lines: int = 15) -> str:

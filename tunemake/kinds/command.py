@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -53,9 +52,21 @@ def env_name(target: str) -> str:
     return "TUNEMAKE_DEP_" + re.sub(r"[^A-Za-z0-9]", "_", target).upper()
 
 
-def run(params: Params, ctx) -> None:
-    env = dict(os.environ)
-    env.update(params.env)
+def validate(params: Params, project_dir) -> None:
+    """Deps whose environment variable names would collide (`a-b` and `a_b`)."""
+    seen: dict[str, str] = {}
+    for dep in params.deps:
+        name = env_name(dep)
+        if seen.get(name, dep) != dep:
+            raise ValueError(f"deps: '{seen[name]}' and '{dep}' would share ${name}; rename one")
+        seen[name] = dep
+
+
+# The command kind has no Python `run`: the engine starts this command line itself, so a
+# step costs a fork and an exec instead of a Python interpreter (see tunemake.run).
+def command(params: dict, ctx) -> tuple[list[str], dict[str, str]]:
+    """The argv to run and the variables to add to the environment, `{out}`/`{deps.X}` filled in."""
+    env = dict(params.get("env") or {})
     env["TUNEMAKE_OUT"] = str(ctx.out)
     for name, path in ctx.deps.items():
         env[env_name(name)] = str(path)
@@ -67,32 +78,28 @@ def run(params: Params, ctx) -> None:
                 return str(ctx.out)
             dep = ref[len("deps."):]
             if dep not in ctx.deps:
-                raise SystemExit(f"cmd refers to {{{ref}}} but '{dep}' is not a dependency target")
+                raise ValueError(f"cmd refers to {{{ref}}} but '{dep}' is not a dependency target")
             return str(ctx.deps[dep])
         return SUBST_RE.sub(repl, text)
 
-    if isinstance(params.cmd, str):
-        argv = ["/bin/sh", "-c", substitute(params.cmd)]
-    else:
-        argv = [substitute(a) for a in params.cmd]
-    print("$ " + (argv[2] if isinstance(params.cmd, str) else " ".join(argv)), flush=True)
-    try:
-        code = subprocess.call(argv, cwd=ctx.project_dir, env=env)
-    except OSError as exc:
-        raise SystemExit(f"cannot run {argv[0]}: {exc}")
-    if code != 0:
-        print(f"command exited with status {code}", file=sys.stderr, flush=True)
-        raise SystemExit(code if 0 < code < 256 else 1)
-    _keep_declared_outs(params.outs, ctx.out)
+    cmd = params["cmd"]
+    argv = ["/bin/sh", "-c", substitute(cmd)] if isinstance(cmd, str) else [substitute(a) for a in cmd]
+    return argv, env
 
 
-def _keep_declared_outs(outs: list[str], out_dir) -> None:
-    """With declared outs, check each exists and drop anything else the command left behind."""
+def check_outputs(params: dict, out_dir: Path) -> None:
+    """After a successful exit: with declared outs, each must exist and nothing else is kept."""
+    outs = params.get("outs") or []
     if not outs:
         return
     missing = [o for o in outs if not (out_dir / o).exists()]
     if missing:
-        raise SystemExit(f"declared output(s) not produced: {', '.join(missing)}")
+        raise ValueError(f"declared output(s) not produced: {', '.join(missing)}")
+    _keep_declared_outs(outs, out_dir)
+
+
+def _keep_declared_outs(outs: list[str], out_dir: Path) -> None:
+    """Drop everything the command left behind besides the declared outputs."""
     keep = {os.path.normpath(o) for o in outs}
     for root, dirs, files in os.walk(out_dir, topdown=True):
         for name in list(dirs) + files:
@@ -109,4 +116,3 @@ def _keep_declared_outs(outs: list[str], out_dir) -> None:
                 dirs.remove(name)
             else:
                 os.unlink(full)
-    sys.stdout.flush()
