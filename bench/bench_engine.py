@@ -157,11 +157,32 @@ def bench_noop_scaling(work: Path, sizes: list[int], repeats: int) -> list[dict]
         noop = median_of(lambda: sh([sys.executable, "-m", "tunemake", "build"], root), repeats)
         status = median_of(lambda: sh([sys.executable, "-m", "tunemake", "status"], root), repeats)
         interp = median_of(lambda: sh([sys.executable, "-c", "pass"], root), repeats)
-        rows.append({"targets": n, "cold_build_s": round(cold, 3), "noop_s": round(noop, 4),
-                     "status_s": round(status, 4), "python_startup_s": round(interp, 4)})
+        row = {"targets": n, "cold_build_s": round(cold, 3), "noop_s": round(noop, 4),
+               "status_s": round(status, 4), "python_startup_s": round(interp, 4)}
+        row.update(make_and_ninja(root, n, repeats))
+        rows.append(row)
         print(f"  {n:>5} targets: no-op {noop:.3f}s, status {status:.3f}s "
-              f"(python -c pass alone {interp:.3f}s; cold build {cold:.1f}s)")
+              f"(python -c pass alone {interp:.3f}s; cold build {cold:.1f}s); "
+              + ", ".join(f"{k} {v}" for k, v in row.items() if k.startswith(("make", "ninja"))))
     return rows
+
+
+def make_and_ninja(root: Path, n: int, repeats: int) -> dict:
+    """The same graph of one-line steps for make and ninja (mtime-based, no content hashing)."""
+    deps = ["input.txt" if i < 10 else f"out/t{i - 10} out/t{i - 7}" for i in range(n)]
+    make = ["all: " + " ".join(f"out/t{i}" for i in range(n))]
+    make += [f"out/t{i}: {deps[i]}\n\t@mkdir -p out && echo {i} > $@" for i in range(n)]
+    (root / "Makefile").write_text("\n".join(make) + "\n")
+    ninja = ["rule echo\n  command = mkdir -p out && echo $n > $out"]
+    ninja += [f"build out/t{i}: echo {deps[i]}\n  n = {i}" for i in range(n)]
+    (root / "build.ninja").write_text("\n".join(ninja) + "\n")
+    result = {}
+    for tool, cmd in (("make", "make -s -j 2"), ("ninja", "ninja -j 2 > /dev/null")):
+        if shutil.which(tool) is None:
+            continue
+        result[f"{tool}_cold_build_s"] = round(sh(cmd, root), 3)
+        result[f"{tool}_noop_s"] = round(median_of(lambda cmd=cmd: sh(cmd, root), repeats), 4)
+    return result
 
 
 def bench_hashing(work: Path, mb: int, repeats: int) -> dict:

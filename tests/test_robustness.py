@@ -280,3 +280,31 @@ def test_special_files_as_sources_are_clear_errors(project):
     project.tunefile('[target.t]\nkind = "command"\ncmd = "true"\ndeps = ["folder"]\n')
     proc = project.run("build", check=False, timeout=30)
     assert proc.returncode == 2 and "not a regular file" in proc.stderr
+
+
+def test_stale_working_folders_are_judged_by_their_owner_lock_not_the_pid(project):
+    # A pid that does not exist here may be a live build in another PID namespace sharing the
+    # cache: its folders stay while its owner lock is held, and go once the lock is free.
+    project.tunefile('[target.t]\nkind = "command"\ncmd = "echo t > $TUNEMAKE_OUT/t"\n')
+    token = "999999999x0123abcd"
+    tmp = project.root / ".tunecache/tmp" / f"{token}-t-deadbeef"
+    staging = project.root / "targets" / f".t.tmp-{token}-abc123"
+    for folder in (tmp, staging):
+        folder.mkdir(parents=True)
+    lock = project.root / ".tunecache/locks" / f"owner-{token}"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        project.build()
+        assert tmp.is_dir() and staging.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    project.build()
+    assert not tmp.exists() and not staging.exists() and not lock.exists()
+    assert project.read("targets/t/t") == "t\n"

@@ -22,7 +22,7 @@ from pathlib import Path
 from tunemake import keys, run
 from tunemake.graph import closure, dependents
 from tunemake.hashing import StatCache, hash_file, tree_digest
-from tunemake.store import FileLock, Store, rmtree
+from tunemake.store import FileLock, Store, owner_of, owner_token, rmtree
 from tunemake.tunefile import Project
 
 POLL_SECONDS = 0.02
@@ -121,6 +121,7 @@ class Engine:
 
     def close(self) -> None:
         self.hasher.close()
+        self.store.release_owner()
 
     # -- keys and state -------------------------------------------------------
     def components(self, name: str, trees: dict[str, str]) -> dict:
@@ -292,29 +293,25 @@ class Engine:
         return outcome
 
     def _clean_stale_tmp(self) -> None:
-        """Remove working folders left by builds that were killed (their pid is gone)."""
+        """Remove working folders left by builds that were killed: their owner lock is free."""
+        dead: dict[str, bool] = {}
         for parent in (self.store.root / "tmp", self.project.targets_dir):
             if not parent.is_dir():
                 continue
             for entry in parent.iterdir():
-                if parent == self.project.targets_dir:
-                    if not entry.name.startswith(".") or "-" not in entry.name:
-                        continue
-                    pid_text = entry.name.rsplit("-", 2)[-2]
-                else:
-                    pid_text = entry.name.split("-", 1)[0]
-                if pid_text.isdigit() and not _alive(int(pid_text)):
+                if parent == self.project.targets_dir and not entry.name.startswith("."):
+                    continue
+                token = owner_of(entry.name)
+                if token is None or token == owner_token():
+                    continue
+                if token not in dead:
+                    lock = FileLock(self.store.lock_path(f"owner-{token}"))
+                    dead[token] = lock.try_acquire()
+                    if dead[token]:
+                        lock.path.unlink(missing_ok=True)
+                        lock.release()
+                if dead[token]:
                     rmtree(entry)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _Scheduler:

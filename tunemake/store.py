@@ -28,11 +28,48 @@ FICLONE = 0x40049409  # linux/fs.h: clone a file's extents (btrfs, xfs, ...)
 SMALL_FILE = 1 << 20  # below this, `auto` copies: small outputs are the ones people open and edit
 
 
+_owner: tuple[int, str] | None = None
+
+
+def owner_token() -> str:
+    """This process's name in working-folder names: pid plus a random part, so it stays unique
+    across PID namespaces sharing one cache; liveness is its lock (`locks/owner-TOKEN`), not the pid."""
+    global _owner
+    if _owner is None or _owner[0] != os.getpid():  # a forked child is a new owner
+        _owner = (os.getpid(), f"{os.getpid()}x{uuid.uuid4().hex[:8]}")
+    return _owner[1]
+
+
+def owner_of(name: str) -> str | None:
+    """The owner token in a working folder's name: `TOKEN-label-x` in tmp/, `.NAME.tmp-TOKEN-x`
+    or `.NAME.old-TOKEN-x` beside targets."""
+    fields = name.split("-")
+    token = fields[0] if not name.startswith(".") else fields[-2] if len(fields) >= 3 else ""
+    head, x, tail = token.partition("x")
+    return token if x and head.isdigit() and len(tail) == 8 else None
+
+
 class Store:
     def __init__(self, root: Path, link: str = "auto"):
         self.root = root
         self.link = link
         self._reflink_ok: bool | None = None if link in ("auto", "reflink") else False
+        self._owner_lock: FileLock | None = None
+
+    def owner(self) -> str:
+        """Our token, with its lock held in this cache for as long as we live (kill -9 releases it)."""
+        token = owner_token()
+        if self._owner_lock is None or not self._owner_lock.path.name.endswith(token):
+            self._owner_lock = FileLock(self.lock_path(f"owner-{token}"))
+            self._owner_lock.try_acquire()
+        return token
+
+    def release_owner(self) -> None:
+        """At a clean exit: nothing of ours is left to protect."""
+        if self._owner_lock is not None:
+            self._owner_lock.path.unlink(missing_ok=True)
+            self._owner_lock.release()
+            self._owner_lock = None
 
     # -- paths ------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:
@@ -48,7 +85,7 @@ class Store:
         return self.root / "logs" / f"{target}.log"
 
     def new_tmp_dir(self, label: str) -> Path:
-        path = self.root / "tmp" / f"{os.getpid()}-{label}-{uuid.uuid4().hex[:8]}"
+        path = self.root / "tmp" / f"{self.owner()}-{label}-{uuid.uuid4().hex[:8]}"
         path.mkdir(parents=True)
         return path
 
@@ -152,7 +189,7 @@ class Store:
     # -- materialization ----------------------------------------------------
     def materialize(self, manifest: dict[str, dict], dest: Path) -> dict[str, list]:
         """Recreate an output tree at `dest` from blobs; returns what was placed, for `intact`."""
-        staging = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        staging = dest.parent / f".{dest.name}.tmp-{self.owner()}-{uuid.uuid4().hex[:6]}"
         staging.mkdir(parents=True)
         record: dict[str, list] = {}
         try:
@@ -245,7 +282,7 @@ def swap_dir(new: Path, dest: Path) -> None:
     if dest.is_symlink() or dest.is_file():
         dest.unlink()
     if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        old = dest.parent / f".{dest.name}.old-{owner_token()}-{uuid.uuid4().hex[:6]}"
         os.rename(dest, old)
         os.rename(new, dest)
         rmtree(old)
