@@ -218,6 +218,24 @@ def test_matrix_family_and_vars(project):
     assert project.read("targets/q@int8-1/x.txt").strip() == "changed"
 
 
+def test_vars_built_on_other_vars_follow_overrides(project):
+    project.tunefile("""
+        [vars]
+        base = "model"
+        steps = 10
+        run_name = "${vars.base}-${vars.steps}"
+        outs = ["${vars.run_name}.txt"]
+        [target.t]
+        kind = "command"
+        cmd = "echo ${vars.run_name} > $TUNEMAKE_OUT/${vars.run_name}.txt; touch $TUNEMAKE_OUT/junk"
+        outs = "${vars.outs}"
+        """)
+    project.build()
+    assert sorted(p.name for p in (project.root / "targets/t").iterdir()) == ["model-10.txt"]
+    project.build("--set", "vars.steps=20")
+    assert project.read("targets/t/model-20.txt").strip() == "model-20"
+
+
 def test_failure_keeps_log_and_is_not_cached(project):
     project.tunefile("""
         [target.bad]

@@ -198,6 +198,7 @@ def _parse(path: Path, text: str, overrides: list[str]) -> Project:
     variables = dict(data.get("vars", {}))
     for name, value in sets.pop("vars", {}).items():
         variables[name] = value
+    variables = _resolve_vars(fname, locate, variables)
 
     from pydantic import ValidationError
 
@@ -308,6 +309,45 @@ def _expand_matrix(fname: str, locate: "_Locator", name: str, table: dict):
                           f"value {combo!r} does not make a valid target name")
         values = dict(zip(axes, combo))
         yield member, _interpolate(fname, locate, name, body, {}, values, matrix_only=True)
+
+
+def _resolve_vars(fname, locate, variables: dict) -> dict:
+    """Expand ${vars.y} inside vars (after --set, so an override reaches every var built on it)."""
+    resolved: dict[str, Any] = {}
+
+    def resolve(name: str, chain: tuple[str, ...]):
+        if name in resolved:
+            return resolved[name]
+        if name in chain:
+            cycle = " -> ".join(chain[chain.index(name):] + (name,))
+            raise located(fname, locate.key("vars", chain[0]), None, f"vars.{chain[0]}", f"vars refer to each other: {cycle}")
+
+        def expand(value):
+            if isinstance(value, dict):
+                return {k: expand(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [expand(v) for v in value]
+            if not isinstance(value, str) or "${vars." not in value:
+                return value
+
+            def lookup(key: str):
+                if key not in variables:
+                    known = ", ".join(sorted(variables))
+                    raise located(fname, locate.key("vars", name), None, f"vars.{name}",
+                                  f"${{vars.{key}}} is not defined (defined vars: {known})")
+                return resolve(key, chain + (name,))
+
+            whole = INTERP_RE.fullmatch(value)
+            if whole and whole.group(1) == "vars":
+                return lookup(whole.group(2))
+            return INTERP_RE.sub(lambda m: str(lookup(m.group(2))) if m.group(1) == "vars" else m.group(0), value)
+
+        resolved[name] = expand(variables[name])
+        return resolved[name]
+
+    for name in variables:
+        resolve(name, ())
+    return resolved
 
 
 def _interpolate(fname, locate, target, value, variables, matrix, matrix_only=False, field=None):
