@@ -308,3 +308,18 @@ def test_stale_working_folders_are_judged_by_their_owner_lock_not_the_pid(projec
     project.build()
     assert not tmp.exists() and not staging.exists() and not lock.exists()
     assert project.read("targets/t/t") == "t\n"
+
+
+def test_a_symlinked_folder_in_the_outputs_is_refused_and_nothing_is_moved(project):
+    (project.root / "data").mkdir()
+    (project.root / "data/keep.txt").write_text("mine\n")
+    project.tunefile("""
+        [target.t]
+        kind = "command"
+        cmd = "ln -s $PWD/data $TUNEMAKE_OUT/data; echo x > $TUNEMAKE_OUT/x"
+        """)
+    proc = project.build(check=False)
+    assert proc.returncode == 1
+    assert "output data is a symlink to a folder" in proc.stdout
+    assert project.read("data/keep.txt") == "mine\n"
+    assert not (project.root / "targets/t").exists()

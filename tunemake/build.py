@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import select
 import socket
-import stat
 import sys
 import time
 from collections import deque
@@ -21,8 +20,15 @@ from pathlib import Path
 
 from tunemake import keys, run
 from tunemake.graph import closure, dependents
-from tunemake.hashing import StatCache, hash_file, tree_digest
-from tunemake.store import FileLock, Store, owner_of, owner_token, rmtree
+from tunemake.hashing import StatCache, tree_digest
+from tunemake.store import (
+    FileLock,
+    Store,
+    output_manifest,
+    owner_of,
+    owner_token,
+    rmtree,
+)
 from tunemake.tunefile import Project
 
 POLL_SECONDS = 0.02
@@ -170,19 +176,7 @@ class Engine:
 
     def finish(self, step: run.RunningStep, key: str, parts: dict) -> dict:
         """Move a successful local step's outputs into the store and record the action."""
-        manifest: dict[str, dict] = {}
-        files = []
-        for dirpath, dirnames, filenames in os.walk(step.out):
-            dirnames.sort()
-            for fn in sorted(filenames):
-                full = Path(dirpath) / fn
-                rel = full.relative_to(step.out).as_posix()
-                st = os.stat(full)
-                if not stat.S_ISREG(st.st_mode):
-                    raise RuntimeError(f"output {rel} is not a regular file")
-                manifest[rel] = {"digest": hash_file(full), "size": st.st_size,
-                                 "x": bool(st.st_mode & 0o100)}
-                files.append((full, rel))
+        manifest, files = output_manifest(step.out)
         for full, rel in files:
             self.store.ingest(full, manifest[rel]["digest"], manifest[rel]["x"])
         return self.record(step.target, key, parts, manifest, step.log.read_bytes(), step.started)

@@ -118,9 +118,8 @@ def _run_on_worker(spec: dict, sources: dict, deps: dict, remote_url: str, remot
     import tempfile
 
     from tunemake import run
-    from tunemake.hashing import hash_file
     from tunemake.remote import Remote
-    from tunemake.store import Store
+    from tunemake.store import Store, output_manifest
 
     remote = Remote(remote_url, options=remote_options)
     work = Path(tempfile.mkdtemp(prefix="tunemake-worker-"))
@@ -151,12 +150,12 @@ def _run_on_worker(spec: dict, sources: dict, deps: dict, remote_url: str, remot
         log = step.log.read_bytes()
         if code != 0:
             return {"code": code, "log": log}
-        manifest = {}
-        for full in sorted(p for p in step.out.rglob("*") if p.is_file()):
-            rel = full.relative_to(step.out).as_posix()
-            digest = hash_file(full)
-            manifest[rel] = {"digest": digest, "size": full.stat().st_size, "x": bool(full.stat().st_mode & 0o100)}
-            store.ingest(full, digest, manifest[rel]["x"])
+        try:
+            manifest, files = output_manifest(step.out)
+        except (RuntimeError, OSError) as exc:
+            return {"code": 1, "log": log + f"could not collect outputs: {exc}\n".encode()}
+        for full, rel in files:
+            store.ingest(full, manifest[rel]["digest"], manifest[rel]["x"])
         remote.push(store, [e["digest"] for e in manifest.values()])
         return {"code": 0, "log": log, "outputs": manifest}
     finally:

@@ -258,6 +258,30 @@ class Store:
         return path
 
 
+def output_manifest(out: Path) -> tuple[dict[str, dict], list[tuple[Path, str]]]:
+    """A finished step's files: {rel: {digest, size, x}} and (path, rel) pairs to ingest.
+
+    Outputs are files. A symlink to a folder is refused rather than followed: following it
+    would move someone else's files (a source, a dependency's output) into the store."""
+    manifest: dict[str, dict] = {}
+    files = []
+    for dirpath, dirnames, filenames in os.walk(out):
+        dirnames.sort()
+        for name in dirnames:
+            if os.path.islink(os.path.join(dirpath, name)):
+                rel = Path(dirpath, name).relative_to(out).as_posix()
+                raise RuntimeError(f"output {rel} is a symlink to a folder; copy the folder instead")
+        for fn in sorted(filenames):
+            full = Path(dirpath) / fn
+            rel = full.relative_to(out).as_posix()
+            st = os.stat(full)
+            if not stat.S_ISREG(st.st_mode):
+                raise RuntimeError(f"output {rel} is not a regular file")
+            manifest[rel] = {"digest": hash_file(full), "size": st.st_size, "x": bool(st.st_mode & 0o100)}
+            files.append((full, rel))
+    return manifest, files
+
+
 def read_json(path: Path) -> dict | None:
     """A JSON object from disk, or None if it is missing, torn or not an object."""
     try:

@@ -93,7 +93,7 @@ def test_compiled_decode_matches_eager(tmp_path, monkeypatch):
     """The decode step traces as one graph (fullgraph=True) and computes the same tokens.
 
     aot_eager checks our side (capture, in-place cache writes) in seconds; inductor's code
-    generation, which takes ~30 s here, is exercised by bench/bench_models.py --compile.
+    generation, which takes ~30 s here, is exercised by the compiled rows of bench/bench_models.py.
     """
     import tunemake.models.generation as generation
 
