@@ -323,3 +323,24 @@ def test_a_symlinked_folder_in_the_outputs_is_refused_and_nothing_is_moved(proje
     assert "output data is a symlink to a folder" in proc.stdout
     assert project.read("data/keep.txt") == "mine\n"
     assert not (project.root / "targets/t").exists()
+
+
+def test_an_input_swapped_by_a_concurrent_build_with_other_settings_is_not_cached(project):
+    project.tunefile("""
+        [target.d]
+        kind = "command"
+        cmd = "echo one > $TUNEMAKE_OUT/v"
+        [target.e]
+        kind = "command"
+        cmd = "touch started; sleep 2; cat $TUNEMAKE_DEP_D/v > $TUNEMAKE_OUT/v"
+        deps = ["d"]
+        """)
+    first = _spawn_build(project, "e")
+    _wait_for(project.root / "started")
+    project.build("--set", "d.cmd=echo two > $TUNEMAKE_OUT/v", "d")  # swaps targets/d under e
+    out, _ = first.communicate(timeout=60)
+    assert first.returncode == 1, out
+    assert "targets/d was replaced by another tunemake build" in out
+    assert not (project.root / "targets/e").exists()
+    project.build("e")  # d goes back to "one" and e is computed from it
+    assert project.read("targets/e/v") == "one\n"

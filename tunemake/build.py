@@ -474,7 +474,14 @@ class _Scheduler:
             log_copy = self.engine.store.log_path(name)
             log_copy.parent.mkdir(parents=True, exist_ok=True)
             try:
-                if code == 0:
+                replaced = self._deps_replaced(name) if isinstance(step, run.RunningStep) else []
+                if code == 0 and replaced:
+                    # another tunemake (other --set values) swapped an input while the step read
+                    # it: the outputs may mix both, so they must not be cached under this key
+                    os.replace(step.log, log_copy)
+                    self._fail(name, f"targets/{replaced[0]} was replaced by another tunemake build "
+                                     "while this step ran; its outputs were discarded: build again")
+                elif code == 0:
                     try:
                         entry = step.finish(self.engine, key, parts)
                     except Exception as exc:  # e.g. outputs lost on the way back from a remote worker
@@ -491,6 +498,15 @@ class _Scheduler:
                 lock.release()
                 rmtree(step.tmp)
         return finished
+
+    def _deps_replaced(self, name: str) -> list[str]:
+        """Dependencies whose targets/ folder no longer holds the output this step was keyed on."""
+        replaced = []
+        for dep in self.project.targets[name].target_deps:
+            state = self.engine.store.get_state(dep)
+            if state is None or state["tree"] != self.trees.get(dep):
+                replaced.append(dep)
+        return replaced
 
     def _fail(self, name: str, detail: str, log: Path | None = None) -> None:
         self._set(name, "failed", detail)
