@@ -283,11 +283,12 @@ def test_declared_outs(project):
 
 
 def test_command_step_is_run_directly_and_failures_are_explained(project):
-    # The command runs under a shell guard, not a Python child: a step costs a fork, not an interpreter.
+    # The command is exec'd by tunemake's own child, not run under a Python step process:
+    # a step costs a fork, not an interpreter.
     project.tunefile("""
         [target.t]
         kind = "command"
-        cmd = "cat /proc/$PPID/comm > $TUNEMAKE_OUT/parent"
+        cmd = "tr '\\\\0' ' ' < /proc/$PPID/cmdline > $TUNEMAKE_OUT/parent"
         [target.src]
         kind = "command"
         cmd = "echo x > $TUNEMAKE_OUT/x"
@@ -300,13 +301,38 @@ def test_command_step_is_run_directly_and_failures_are_explained(project):
         cmd = ["no-such-program-xyz", "{out}"]
         """)
     project.build("t")
-    assert project.read("targets/t/parent").strip() == "sh"
-    assert project.read(".tunecache/logs/t.log").startswith("$ cat /proc/$PPID/comm")
+    parent = project.read("targets/t/parent")
+    assert "-m tunemake" in parent and " build" in parent and "tunemake.step" not in parent
+    assert project.read(".tunecache/logs/t.log").startswith("$ tr ")
     proc = project.build("-k", "typo", "missing_program", check=False)
     assert proc.returncode == 1
     assert "cmd refers to {deps.sr} but 'sr' is not a dependency target" in proc.stdout
     assert "command exited with status 127" in project.read(".tunecache/logs/missing_program.log")
     assert not (project.root / "targets/typo").exists()
+
+
+def test_command_keeps_default_signals_real_programs_and_source_deps(project):
+    # Run in the foreground: SIGINT is not ignored (a background job's would be), an argv names
+    # a program (never a shell builtin), and a death by signal is reported as one.
+    project.write("a-b.txt", "1\n")
+    project.write("a_b.txt", "2\n")
+    project.tunefile("""
+        [target.interrupted]
+        kind = "command"
+        cmd = ["sh", "-c", "kill -INT $$; echo survived > $TUNEMAKE_OUT/x"]
+        [target.echo]
+        kind = "command"
+        cmd = ["echo", "-n", "{out}"]
+        [target.sources]
+        kind = "command"
+        cmd = "cat a-b.txt a_b.txt > $TUNEMAKE_OUT/both"
+        deps = ["a-b.txt", "a_b.txt"]
+        """)
+    proc = project.build("-k", "interrupted", "echo", "sources", check=False)
+    assert proc.returncode == 1
+    assert "command killed by SIGINT" in project.read(".tunecache/logs/interrupted.log")
+    assert "-n" not in project.read(".tunecache/logs/echo.log").splitlines()[-1]  # /bin/echo, not dash's
+    assert project.read("targets/sources/both") == "1\n2\n"
 
 
 def test_parallel_jobs_overlap(project):

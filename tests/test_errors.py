@@ -33,6 +33,8 @@ CASES = {
                    ["tunefile.toml:2", "field 'vars.a'", "vars refer to each other: a -> b -> a"]),
     "undefined var in vars": ('[vars]\na = "${vars.zz}"\n' + GOOD,
                               ["tunefile.toml:2", "field 'vars.a'", "${vars.zz} is not defined"]),
+    "matrix in vars": ('[vars]\nlabel = "run-${matrix.size}"\n' + GOOD,
+                       ["tunefile.toml:2", "field 'vars.label'", "${matrix.…} cannot be used in vars"]),
     "bad default": ('default = ["zz"]\n' + GOOD, ["tunefile.toml:1", "field 'default'", "unknown target 'zz'"]),
     "unknown top-level": ('colour = 1\n' + GOOD, ["tunefile.toml:1", "unknown top-level key"]),
     "bad outs": ('[target.a]\nkind = "command"\ncmd = "x"\nouts = ["../escape"]\n',

@@ -79,3 +79,28 @@ def test_ray_needs_a_remote_cache(tmp_path):
     p.tunefile('[target.a]\nkind = "command"\ncmd = "true"\n')
     proc = p.build("--executor", "ray", check=False)
     assert proc.returncode == 2 and "needs a remote cache" in proc.stderr
+
+
+def test_worker_kills_a_failed_steps_children_and_keeps_no_descriptor(tmp_path):
+    # The worker function runs in a long-lived Ray worker process: call it in-process here.
+    import os
+    import time
+
+    from tunemake.ray_executor import _run_on_worker
+
+    pidfile = tmp_path / "sleeper.pid"
+    spec = {"target": "t", "module": "tunemake.kinds.command", "project_dir": str(tmp_path / "driver"),
+            "params": {"cmd": f"sleep 60 & echo $! > {pidfile}; exit 1", "deps": [], "outs": [], "env": {},
+                       "packages": [], "gpus": 0}}
+    remote = (tmp_path / "remote").as_uri()
+    assert _run_on_worker(spec, {}, {}, remote, {})["code"] == 1  # opens the process's lifeline pipe once
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        assert _run_on_worker(spec, {}, {}, remote, {})["code"] == 1
+    assert len(os.listdir("/proc/self/fd")) == before
+    sleeper = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{sleeper}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    state = open(f"/proc/{sleeper}/stat").read().split()[2] if os.path.exists(f"/proc/{sleeper}") else "gone"
+    assert state in ("gone", "Z"), "the failed step's background child outlived it"

@@ -305,8 +305,10 @@ def test_stale_working_folders_are_judged_by_their_owner_lock_not_the_pid(projec
     finally:
         holder.kill()
         holder.wait()
+    stray = lock.with_name("owner-888888888x89abcdef")  # a dead owner that left no folder
+    stray.write_text("")
     project.build()
-    assert not tmp.exists() and not staging.exists() and not lock.exists()
+    assert not tmp.exists() and not staging.exists() and not lock.exists() and not stray.exists()
     assert project.read("targets/t/t") == "t\n"
 
 

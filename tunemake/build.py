@@ -306,6 +306,13 @@ class Engine:
                         lock.release()
                 if dead[token]:
                     rmtree(entry)
+        for lock_file in (self.store.root / "locks").glob("owner-*"):  # owners that left no folder
+            token = lock_file.name.removeprefix("owner-")
+            if token not in dead and token != owner_token():
+                lock = FileLock(lock_file)
+                if lock.try_acquire():
+                    lock_file.unlink(missing_ok=True)
+                    lock.release()
 
 
 class _Scheduler:
@@ -365,7 +372,10 @@ class _Scheduler:
         fds = [getattr(step, "fileno", lambda: None)() for step, *_ in self.running.values()]
         slots_full = len(self.running) >= self.options.jobs  # then ready steps wait for an exit too
         if fds and None not in fds and (slots_full or not self.ready):
-            select.select(fds, [], [], PROGRESS_SECONDS)
+            poller = select.poll()  # not select(): descriptors above 1023 are fine
+            for fd in fds:
+                poller.register(fd, select.POLLIN)
+            poller.poll(PROGRESS_SECONDS * 1000)
         else:  # steps without a pidfd (Ray, older kernels), or steps waiting for a lock
             time.sleep(POLL_SECONDS)
 

@@ -123,9 +123,10 @@ def _run_on_worker(spec: dict, sources: dict, deps: dict, remote_url: str, remot
 
     remote = Remote(remote_url, options=remote_options)
     work = Path(tempfile.mkdtemp(prefix="tunemake-worker-"))
+    store, step = Store(work / "cache", link="hardlink"), None
     try:
-        store = Store(work / "cache", link="hardlink")
         project = work / "project"
+        project.mkdir()  # the step's working directory, even when it has no inputs
         wanted = [e["digest"] for m in list(sources.values()) + list(deps.values()) for e in m.values()]
         corrupt = remote.fetch(store, wanted)
         if corrupt:
@@ -159,6 +160,9 @@ def _run_on_worker(spec: dict, sources: dict, deps: dict, remote_url: str, remot
         remote.push(store, [e["digest"] for e in manifest.values()])
         return {"code": 0, "log": log, "outputs": manifest}
     finally:
+        if step is not None:
+            step.kill()  # a failed step's background children must not outlive it on the worker
+        store.release_owner()  # the worker process lives on: its lock must not
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -1,14 +1,15 @@
 """Runs one step in its own process group (local executor).
 
-The child is `python -m tunemake.step spec.json`, or for kinds that are just a command
-line (the command kind) that command under a small shell guard, which saves a Python
-interpreter per step. Either way the child dies with us (PR_SET_PDEATHSIG) and takes
-its own children along, so killing tunemake never leaves work running.
+The child is `python -m tunemake.step spec.json`, which dies with us (PR_SET_PDEATHSIG)
+and takes its own children along. A kind that is just a command line (the command kind)
+skips the interpreter: its argv is exec'd by a small `sh` that first forks a watcher into
+the step's process group. The watcher blocks reading our lifeline pipe; when tunemake dies,
+even by kill -9, the pipe closes and the watcher kills the group. So killing tunemake never
+leaves work running, and a trivial step costs a fork and two execs.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
 import os
@@ -22,10 +23,20 @@ from pathlib import Path
 
 import tunemake
 
-# Signals reach the guard only between commands; so the command runs in the background and
-# the guard waits: on SIGTERM (sent by the kernel when tunemake dies) it kills its group.
-GUARD = 'trap "kill -KILL 0" TERM INT HUP; "$@" & wait $!'
-PR_SET_PDEATHSIG = 1
+# The guard's stdin is the lifeline: it moves it to fd 3 for the watcher (only EOF, our death,
+# ends the `read`) and execs the command in the foreground with stdin from /dev/null, so the
+# command keeps default signal handling and its real exit status.
+GUARD = 'exec 3<&0 </dev/null; (read _ <&3; kill -KILL 0) & exec "$@" 3<&-'
+_lifeline: tuple[int, int, int] | None = None  # (pid, read end, write end); never written to
+
+
+def _lifeline_fd() -> int:
+    global _lifeline
+    if _lifeline is None or _lifeline[0] != os.getpid():  # a forked child needs its own
+        read_end, write_end = os.pipe()  # both close-on-exec: no other child holds the write end
+        _lifeline = (os.getpid(), read_end, write_end)
+    return _lifeline[1]
+
 
 PACKAGE_ROOT = str(Path(tunemake.__file__).resolve().parent.parent)
 
@@ -66,15 +77,16 @@ class RunningStep:
 
     def _checked(self, code: int) -> int:
         if code != 0:
-            if self.direct:  # say what the shell did not
-                self._log_line(f"command exited with status {code}")
+            if self.direct:  # say what a Python step would have said
+                self._log_line(f"command killed by {signal.Signals(-code).name}" if code < 0 and
+                               -code in signal.valid_signals() else f"command exited with status {code}")
             return code
         if self.check is not None:
             self.kill()  # background children must not write into the outputs being checked
             try:
                 self.check()
-            except ValueError as exc:
-                self._log_line(str(exc))
+            except (ValueError, OSError) as exc:
+                self._log_line(f"checking the outputs: {exc}")
                 return 1
         return 0
 
@@ -161,24 +173,23 @@ def start(target: str, module: str, params: dict, project_dir: Path, deps: dict[
     env["PYTHONPATH"] = PACKAGE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     kind = importlib.import_module(module)
-    direct, check = hasattr(kind, "command"), None
+    direct, check, stdin = hasattr(kind, "command_line"), None, subprocess.DEVNULL
     if direct:
         from tunemake.step import StepContext
 
         ctx = StepContext(target=target, out=out, project_dir=Path(project_dir),
                           deps={k: Path(v) for k, v in deps.items()})
         try:
-            argv, extra_env = kind.command(params, ctx)
+            argv, extra_env = kind.command_line(params, ctx)
             log.write_text("$ " + (argv[2] if argv[:2] == ["/bin/sh", "-c"] else " ".join(argv)) + "\n")
         except ValueError as exc:  # no command line to run: the step fails with the reason in its log
             argv, extra_env = ["/bin/sh", "-c", "exit 2"], {}
             log.write_text(f"{exc}\n")
         env.update(extra_env)
-        argv = ["/bin/sh", "-c", GUARD, "tunemake-step", *argv]
+        argv, stdin = ["/bin/sh", "-c", GUARD, "tunemake-step", *argv], _lifeline_fd()
         if hasattr(kind, "check_outputs"):
             def check() -> None:
                 kind.check_outputs(params, out)
-        preexec = _die_with_parent(os.getpid())
     else:
         spec = {
             "target": target,
@@ -194,34 +205,12 @@ def start(target: str, module: str, params: dict, project_dir: Path, deps: dict[
         spec_path = tmp / "spec.json"
         spec_path.write_text(json.dumps(spec))
         argv = [sys.executable, "-m", "tunemake.step", str(spec_path)]
-        preexec = None  # the step sets its own death signal (tunemake.step.die_with_parent)
     with open(log, "ab") as log_file:
         proc = subprocess.Popen(
-            argv, cwd=project_dir, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            argv, cwd=project_dir, env=env, stdin=stdin, stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: we can kill the whole tree
-            preexec_fn=preexec,  # noqa: PLW1509 - it makes one prctl call and no allocation-heavy work
         )
     return RunningStep(target, proc, tmp, out, log, progress_file, gpus, direct=direct, check=check)
-
-
-@functools.cache
-def _prctl():
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True).prctl  # looked up in the parent: the child must not dlopen
-
-
-def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
-    """For the forked child, before exec: SIGTERM when we die (the kernel keeps it across exec)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = _prctl()
-
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent_pid:  # we died between fork and prctl
-            os._exit(1)
-    return preexec
 
 
 def log_tail(path: Path, lines: int = 15) -> str:

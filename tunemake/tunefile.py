@@ -327,8 +327,11 @@ def _resolve_vars(fname, locate, variables: dict) -> dict:
                 return {k: expand(v) for k, v in value.items()}
             if isinstance(value, list):
                 return [expand(v) for v in value]
-            if not isinstance(value, str) or "${vars." not in value:
+            if not isinstance(value, str) or "${" not in value:
                 return value
+            if "${matrix." in value:  # vars are expanded once for all targets, after the matrix
+                raise located(fname, locate.key("vars", name), None, f"vars.{name}",
+                              "${matrix.…} cannot be used in vars; use it in the target's own params")
 
             def lookup(key: str):
                 if key not in variables:

@@ -11,7 +11,7 @@ A kind module defines:
   before hashing, so writing a default explicitly does not change the key.
 - ``run(params, ctx)``: does the work in the child, writing into ``ctx.out``
   (see ``tunemake.step.StepContext``).
-- or, for a kind that is just a command line, ``command(params, ctx)`` returning
+- or, for a kind that is just a command line, ``command_line(params, ctx)`` returning
   ``(argv, env)`` and optionally ``check_outputs(params, out_dir)`` (raise
   ``ValueError`` to fail the step): the engine runs argv itself, with no Python
   child in between; params then come as the plain validated dict.

@@ -56,15 +56,18 @@ def validate(params: Params, project_dir) -> None:
     """Deps whose environment variable names would collide (`a-b` and `a_b`)."""
     seen: dict[str, str] = {}
     for dep in params.deps:
+        if (Path(project_dir) / dep).exists():
+            continue  # a source: only dependency targets get a variable
         name = env_name(dep)
         if seen.get(name, dep) != dep:
             raise ValueError(f"deps: '{seen[name]}' and '{dep}' would share ${name}; rename one")
         seen[name] = dep
 
 
-# The command kind has no Python `run`: the engine starts this command line itself, so a
-# step costs a fork and an exec instead of a Python interpreter (see tunemake.run).
-def command(params: dict, ctx) -> tuple[list[str], dict[str, str]]:
+# The command kind has no Python `run`: the engine execs this command line itself, so a
+# step costs a fork and an exec instead of a Python interpreter (see tunemake.run). Variables
+# in `env` whose names are not shell identifiers do not survive /bin/sh.
+def command_line(params: dict, ctx) -> tuple[list[str], dict[str, str]]:
     """The argv to run and the variables to add to the environment, `{out}`/`{deps.X}` filled in."""
     env = dict(params.get("env") or {})
     env["TUNEMAKE_OUT"] = str(ctx.out)
