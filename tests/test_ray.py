@@ -11,7 +11,7 @@ pytest.importorskip("ray")
 GRAPH = """
 [target.words]
 kind = "command"
-cmd = "mkdir -p $TUNEMAKE_OUT/d && tr ' ' '\\n' < data/text.txt > $TUNEMAKE_OUT/d/words.txt"
+cmd = "echo '1/2 splitting' >> $TUNEMAKE_PROGRESS; sleep 0.6; mkdir -p $TUNEMAKE_OUT/d && tr ' ' '\\n' < data/text.txt > $TUNEMAKE_OUT/d/words.txt"
 deps = ["data/text.txt"]
 
 [target.count]
@@ -58,6 +58,7 @@ def test_ray_executor_matches_local(tmp_path):
     proc = distributed.build("--executor", "ray", "-j", "2", "--remote", f"file://{tmp_path / 'remote'}",
                              timeout=300)
     assert "4 built" in proc.stdout
+    assert "words: 1/2 splitting" in proc.stdout  # live progress travels back from the worker
     assert outputs(local) == outputs(distributed)
     assert distributed.read("targets/joined/joined.txt").startswith("5\nTHE\n")
     assert "nothing to do" in distributed.build("--executor", "ray", "--remote",
@@ -93,10 +94,14 @@ def test_worker_kills_a_failed_steps_children_and_keeps_no_descriptor(tmp_path):
             "params": {"cmd": f"sleep 60 & echo $! > {pidfile}; exit 1", "deps": [], "outs": [], "env": {},
                        "packages": [], "gpus": 0}}
     remote = (tmp_path / "remote").as_uri()
-    assert _run_on_worker(spec, {}, {}, remote, {})["code"] == 1  # opens the process's lifeline pipe once
+
+    def result():
+        return list(_run_on_worker(spec, {}, {}, remote, {}))[-1]
+
+    assert result()["code"] == 1  # opens the process's lifeline pipe once
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(3):
-        assert _run_on_worker(spec, {}, {}, remote, {})["code"] == 1
+        assert result()["code"] == 1
     assert len(os.listdir("/proc/self/fd")) == before
     sleeper = int(pidfile.read_text())
     deadline = time.monotonic() + 5

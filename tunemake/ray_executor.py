@@ -16,6 +16,8 @@ from pathlib import Path
 
 from tunemake.errors import UserError
 
+PROGRESS_SECONDS = 0.2  # how often a worker forwards the step's newest progress line
+
 
 def _import_ray():
     try:
@@ -65,8 +67,10 @@ class RayExecutor:
             options["max_calls"] = 1  # a fresh worker process per GPU task: memory is returned
         spec = {"target": name, "module": target.module, "params": target.child_params,
                 "project_dir": str(engine.project.dir)}
-        ref = self._task.options(**options).remote(spec, sources, deps, self.remote.url, self.remote.options)
-        return RayStep(name, ref, tmp, self.ray)
+        # a streaming generator: the worker yields progress while the step runs, then the result
+        stream = self._task.options(num_returns="streaming", **options).remote(
+            spec, sources, deps, self.remote.url, self.remote.options)
+        return RayStep(name, stream, tmp, self.ray)
 
 
 class StepRejected(Exception):
@@ -74,34 +78,45 @@ class StepRejected(Exception):
 
 
 class RayStep:
-    def __init__(self, target: str, ref, tmp: Path, ray):
+    def __init__(self, target: str, stream, tmp: Path, ray):
         self.target = target
-        self.ref = ref
+        self.stream = stream  # ray.ObjectRefGenerator of {"progress": ...} items, then the result
         self.tmp = tmp
         self.ray = ray
         self.gpus: list[str] = []
         self.started = time.time()
         self.log = tmp / "log"
         self.result: dict | None = None
+        self._progress: dict | None = None
 
-    def read_progress(self):
-        return None
+    def _drain(self) -> None:
+        """Take whatever the worker has yielded so far, without blocking."""
+        try:
+            while self.result is None and self.stream.next_ready():
+                item = self.ray.get(next(self.stream))
+                if "progress" in item:
+                    self._progress = item["progress"]
+                else:
+                    self.result = item
+            if self.result is None and self.stream.is_finished():
+                self.result = {"code": 1, "log": b"Ray task ended without a result\n"}
+        except Exception as exc:  # the worker died, or the task raised inside Ray
+            self.result = {"code": 1, "log": f"Ray task failed: {exc}\n".encode()}
+        if self.result is not None and not self.log.exists():
+            self.log.write_bytes(self.result["log"])
+
+    def read_progress(self) -> dict | None:
+        self._drain()
+        progress, self._progress = self._progress, None
+        return progress
 
     def poll(self) -> int | None:
-        if self.result is None:
-            ready, _ = self.ray.wait([self.ref], timeout=0)
-            if not ready:
-                return None
-            try:
-                self.result = self.ray.get(self.ref)
-            except Exception as exc:  # the worker died, or the task raised inside Ray
-                self.result = {"code": 1, "log": f"Ray task failed: {exc}\n".encode()}
-            self.log.write_bytes(self.result["log"])
-        return self.result["code"]
+        self._drain()
+        return None if self.result is None else self.result["code"]
 
     def kill(self) -> None:
         if self.result is None:
-            self.ray.cancel(self.ref, force=True)
+            self.ray.cancel(self.stream, force=True)
 
     def finish(self, engine, key: str, parts: dict) -> dict:
         """The worker uploaded the blobs: verify them into the local store and record the action."""
@@ -112,8 +127,11 @@ class RayStep:
         return engine.record(self.target, key, parts, manifest, self.log.read_bytes(), self.started)
 
 
-def _run_on_worker(spec: dict, sources: dict, deps: dict, remote_url: str, remote_options: dict) -> dict:
-    """Runs on a Ray worker: rebuild a private project from the cache, run the step, upload outputs."""
+def _run_on_worker(spec: dict, sources: dict, deps: dict, remote_url: str, remote_options: dict):
+    """Runs on a Ray worker: rebuild a private project from the cache, run the step, upload outputs.
+
+    A generator: yields {"progress": ...} while the step runs, then the result
+    ({"code", "log"} and, on success, "outputs")."""
     import shutil
     import tempfile
 
@@ -130,7 +148,8 @@ def _run_on_worker(spec: dict, sources: dict, deps: dict, remote_url: str, remot
         wanted = [e["digest"] for m in list(sources.values()) + list(deps.values()) for e in m.values()]
         corrupt = remote.fetch(store, wanted)
         if corrupt:
-            return {"code": 1, "log": f"input blob {corrupt[0][:16]} failed verification\n".encode()}
+            yield {"code": 1, "log": f"input blob {corrupt[0][:16]} failed verification\n".encode()}
+            return
         for rel, manifest in sources.items():
             if list(manifest) == [""]:  # a single file
                 dest = project / rel
@@ -147,18 +166,25 @@ def _run_on_worker(spec: dict, sources: dict, deps: dict, remote_url: str, remot
         tmp.mkdir()
         gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]  # set by Ray
         step = run.start(spec["target"], spec["module"], params, project, dep_dirs, tmp, gpus)
-        code = step.wait()
+        while step.poll() is None:
+            progress = step.read_progress()
+            if progress:
+                yield {"progress": progress}
+            time.sleep(PROGRESS_SECONDS)
+        code = step.poll()
         log = step.log.read_bytes()
         if code != 0:
-            return {"code": code, "log": log}
+            yield {"code": code, "log": log}
+            return
         try:
             manifest, files = output_manifest(step.out)
         except (RuntimeError, OSError) as exc:
-            return {"code": 1, "log": log + f"could not collect outputs: {exc}\n".encode()}
+            yield {"code": 1, "log": log + f"could not collect outputs: {exc}\n".encode()}
+            return
         for full, rel in files:
             store.ingest(full, manifest[rel]["digest"], manifest[rel]["x"])
         remote.push(store, [e["digest"] for e in manifest.values()])
-        return {"code": 0, "log": log, "outputs": manifest}
+        yield {"code": 0, "log": log, "outputs": manifest}
     finally:
         if step is not None:
             step.kill()  # a failed step's background children must not outlive it on the worker
