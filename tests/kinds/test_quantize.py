@@ -408,3 +408,16 @@ def test_cli_builds_shows_and_reuses_the_quantized_target(project, tmp_path):
     assert "padded (not skipped): 2 linear layers with in_features 320 -> 512" in log
     project.build("int4")
     assert json.loads((out / "quantization.json").read_text()) == info  # restored, not rebuilt
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "int4_weight_only"])
+def test_qwen3_keeps_its_qk_norms_and_matches_the_in_memory_reference(tmp_path, scheme):
+    source = random_checkpoint(tmp_path / "qwen3", model_type="qwen3", qk_norm=True)
+    info = build(source, tmp_path / "out", scheme=scheme)
+    assert not any("norm" in name for name in info["quantized"])
+    reloaded = load_model(tmp_path / "out", dtype=torch.bfloat16)
+    assert reloaded.args.qk_norm and reloaded.args.model_type == "qwen3"
+    original = load_model(source, dtype=torch.bfloat16)
+    assert torch.equal(reloaded.model.layers[1].self_attn.k_norm.weight, original.model.layers[1].self_attn.k_norm.weight)
+    in_memory = quantize_in_memory(original, scheme, info["groupsize"])
+    assert torch.equal(logits(reloaded), logits(in_memory))

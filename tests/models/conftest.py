@@ -44,13 +44,15 @@ ARCHITECTURES = {
     "mistral_window": ("mistral", {"sliding_window": 6, "rope_theta": 1000000.0}),
     "qwen2_bias": ("qwen2", {"rope_theta": 1000000.0, "use_sliding_window": False}),
     "qwen2_tied": ("qwen2", {"tie_word_embeddings": True, "use_sliding_window": False}),
+    "qwen3_qk_norm": ("qwen3", {"rope_theta": 1000000.0, "head_dim": 24, "tie_word_embeddings": True}),
 }
 
 
 def hf_config(model_type: str, **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[model_type]
+    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
+                    "qwen3": Qwen3Config}[model_type]
     return config_class(**{**TINY, **overrides})
 
 

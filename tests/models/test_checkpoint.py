@@ -66,7 +66,7 @@ def test_bad_config_field_names_file_and_field(tmp_path):
 
 def test_unsupported_model_type_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "hidden_size": 64}))
-    with pytest.raises(ValueError, match=r"config\.json: model_type 'gpt2' is not supported; supported: llama, mistral, qwen2"):
+    with pytest.raises(ValueError, match=r"config\.json: model_type 'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3"):
         read_config(tmp_path)
 
 
@@ -126,7 +126,7 @@ def test_truncated_safetensors_names_the_file(tmp_path):
         load_model(tmp_path)
 
 
-@pytest.mark.parametrize("variant", ["llama3_rope", "llama_tied_wide_heads", "mistral_window", "qwen2_tied"])
+@pytest.mark.parametrize("variant", ["llama3_rope", "llama_tied_wide_heads", "mistral_window", "qwen2_tied", "qwen3_qk_norm"])
 @torch.no_grad()
 def test_saved_checkpoint_loads_in_transformers(tmp_path, variant):
     from transformers import AutoModelForCausalLM

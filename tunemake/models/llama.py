@@ -1,4 +1,4 @@
-"""Native PyTorch Llama-family decoder (Llama 2/3.x, Mistral, TinyLlama, SmolLM, Qwen2/2.5).
+"""Native PyTorch Llama-family decoder (Llama 2/3.x, Mistral, TinyLlama, SmolLM, Qwen2/2.5, Qwen3).
 
 Parameter names follow Hugging Face so a checkpoint's safetensors map 1:1 onto
 `Transformer.state_dict()`. Numerics follow transformers' reference (RMSNorm in fp32,
@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-ARCHITECTURE_NAMES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURE_NAMES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                      "qwen3": "Qwen3ForCausalLM"}
 # transformers' config-class defaults for fields a config.json may leave out
-DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
+DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768}
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ModelArgs:
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
     max_position_embeddings: int = 2048
     model_type: str = "llama"
     bos_token_id: int | None = None
@@ -98,11 +100,13 @@ class ModelArgs:
                     if not isinstance(rope_scaling.get(key), (int, float)):
                         fail(f"rope 'llama3' needs a numeric {key!r}")
 
-        if model_type == "qwen2":
+        if model_type in ("qwen2", "qwen3"):
             if config.get("use_sliding_window"):
-                fail("Qwen2 with use_sliding_window=true is not supported")
+                fail(f"{model_type} with use_sliding_window=true is not supported")
             sliding_window = None
-            qkv_bias, o_bias, mlp_bias = True, False, False
+            qkv_bias = True if model_type == "qwen2" else bool(config.get("attention_bias", False))
+            o_bias = False if model_type == "qwen2" else qkv_bias
+            mlp_bias = False
         else:
             sliding_window = config.get("sliding_window") if model_type == "mistral" else None
             qkv_bias = o_bias = bool(config.get("attention_bias", False))
@@ -132,6 +136,7 @@ class ModelArgs:
                 o_bias=o_bias,
                 mlp_bias=mlp_bias,
                 sliding_window=sliding_window,
+                qk_norm=model_type == "qwen3",
                 max_position_embeddings=max_positions,
                 model_type=model_type,
                 bos_token_id=config.get("bos_token_id"),
@@ -169,6 +174,8 @@ class ModelArgs:
         if self.model_type == "qwen2":
             config.update(use_sliding_window=False, sliding_window=None)
         else:
+            if self.model_type == "qwen3":
+                config.update(use_sliding_window=False, sliding_window=None)
             config.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
             if self.qkv_bias != self.o_bias:
                 raise ValueError(f"{self.model_type} cannot express q/k/v bias without o_proj bias; use model_type 'qwen2'")
@@ -279,12 +286,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+        self.qk_norm = args.qk_norm
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, input_pos, key_len):
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
