@@ -481,3 +481,21 @@ def test_reference_to_a_path_inside_a_target_output(project):
     assert "data" in project.run("graph", check=True).stdout
     project.build("use")
     assert project.read("targets/use/got") == "q\n"
+
+
+def test_log_shows_how_the_current_outputs_were_made_even_after_a_cache_restore(project):
+    project.tunefile("""
+        [vars]
+        word = "first"
+        [target.t]
+        kind = "command"
+        cmd = "echo making ${vars.word}; echo ${vars.word} > $TUNEMAKE_OUT/x"
+        """)
+    project.build()
+    project.build("--set", "vars.word=second")
+    project.build()  # restored from the cache: no step ran
+    assert "making first" in project.run("log", "t", check=True).stdout
+    assert "making second" in project.run("log", "t", "--last", check=True).stdout
+    assert "tunemake log t" in project.run("show", "t", check=True).stdout
+    proc = project.run("log", "nope")
+    assert proc.returncode == 2 and "unknown target 'nope'" in proc.stderr

@@ -81,11 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("target")
     p.set_defaults(func=cmd_show)
 
+    p = sub.add_parser("log", parents=[common], help="the log of the step that made TARGET's outputs")
+    p.add_argument("target")
+    p.add_argument("--last", action="store_true", help="the last step run here instead (it may have failed)")
+    p.set_defaults(func=cmd_log)
+
     p = sub.add_parser("clean", parents=[common], help="remove materialized outputs (targets/), not the cache")
     p.add_argument("targets", nargs="*")
     p.set_defaults(func=cmd_clean)
 
-    p = sub.add_parser("cache", parents=[common], help="the local cache: ls | gc | verify")
+    p = sub.add_parser("cache", parents=[common], help="the caches: ls | gc | verify | push | pull")
     csub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     c = csub.add_parser("ls", parents=[common], help="cached actions, oldest use first")
     c.set_defaults(func=cmd_cache_ls)
@@ -303,6 +308,8 @@ def cmd_show(args) -> int:
     if built.get("finished"):
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(built["finished"]))
         print(f"built     {when} on {built.get('host')} in {built.get('duration', 0):.2f}s")
+    if built.get("log"):
+        print(f"log       tunemake log {name}")
     files = state.get("outputs", {})
     print(f"files     {len(files)}, {human(sum(e['size'] for e in files.values()))}")
     for rel, entry in list(files.items())[:20]:
@@ -315,6 +322,29 @@ def cmd_show(args) -> int:
         if text:
             print()
             print(text.rstrip())
+    return 0
+
+
+def cmd_log(args) -> int:
+    """The log travels with the outputs (a blob of the action entry, pushed and pulled with
+    them), so a target restored from a cache, even a colleague's, still shows how it was made."""
+    project, engine = _engine(args)
+    engine.close()
+    name = args.target
+    if name not in project.targets:
+        project.expand([name])  # raises the unknown-target error
+        raise UserError(f"'{name}' is a matrix family: show the log of one of {', '.join(project.groups[name])}")
+    state = engine.store.get_state(name)
+    digest = (state or {}).get("built", {}).get("log")
+    last = engine.store.log_path(name)
+    if not args.last and digest and engine.store.has_blob(digest):
+        data = engine.store.blob_path(digest).read_bytes()
+    elif last.is_file():
+        data = last.read_bytes()
+    else:
+        raise UserError(f"{name}: no log here (never built or restored in this project)")
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
     return 0
 
 
