@@ -311,6 +311,28 @@ def test_command_step_is_run_directly_and_failures_are_explained(project):
     assert not (project.root / "targets/typo").exists()
 
 
+def test_a_command_that_waits_for_all_its_children_finishes(project):
+    # the guard's watcher must not be a child of the command, or this would wait forever
+    project.write("reap.py", """
+        import os, subprocess, sys
+        subprocess.Popen(["true"])
+        while True:
+            try:
+                os.wait()
+            except ChildProcessError:
+                break
+        open(os.path.join(os.environ["TUNEMAKE_OUT"], "x"), "w").write("reaped")
+        """)
+    project.tunefile('''
+        [target.t]
+        kind = "command"
+        cmd = ["python3", "reap.py"]
+        deps = ["reap.py"]
+        ''')
+    project.run("build", timeout=60)
+    assert project.read("targets/t/x") == "reaped"
+
+
 def test_command_keeps_default_signals_real_programs_and_source_deps(project):
     # Run in the foreground: SIGINT is not ignored (a background job's would be), an argv names
     # a program (never a shell builtin), and a death by signal is reported as one.

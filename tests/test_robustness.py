@@ -346,3 +346,21 @@ def test_an_input_swapped_by_a_concurrent_build_with_other_settings_is_not_cache
     assert not (project.root / "targets/e").exists()
     project.build("e")  # d goes back to "one" and e is computed from it
     assert project.read("targets/e/v") == "one\n"
+
+
+def test_a_step_that_signals_its_own_group_still_dies_with_tunemake(project):
+    project.tunefile("""
+        [target.t]
+        kind = "command"
+        cmd = "trap '' TERM; kill 0; sleep 300 & echo $! > pids/sleeper; wait"
+        """)
+    (project.root / "pids").mkdir()
+    build = _spawn_build(project)
+    _wait_for(project.root / "pids/sleeper")
+    sleeper = int((project.root / "pids/sleeper").read_text())
+    os.kill(build.pid, signal.SIGKILL)
+    build.wait()
+    deadline = time.monotonic() + 10
+    while _alive(sleeper) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(sleeper), "`kill 0` in the step disarmed the guard"

@@ -503,7 +503,8 @@ class _Scheduler:
                     self._succeeded(name, entry["tree"], "done", f"{entry['duration']:.1f}s")
                 else:
                     os.replace(step.log, log_copy)
-                    self._fail(name, f"exit status {code}, log: {_rel(log_copy)}", log_copy)
+                    how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+                    self._fail(name, f"{how}, log: {_rel(log_copy)}", log_copy)
             finally:
                 lock.release()
                 rmtree(step.tmp)

@@ -172,6 +172,7 @@ def _run_on_worker(spec: dict, sources: dict, deps: dict, remote_url: str, remot
                 yield {"progress": progress}
             time.sleep(PROGRESS_SECONDS)
         code = step.poll()
+        step.kill()  # background children must not write into the outputs being collected
         log = step.log.read_bytes()
         if code != 0:
             yield {"code": code, "log": log}

@@ -25,8 +25,13 @@ import tunemake
 
 # The guard's stdin is the lifeline: it moves it to fd 3 for the watcher (only EOF, our death,
 # ends the `read`) and execs the command in the foreground with stdin from /dev/null, so the
-# command keeps default signal handling and its real exit status.
-GUARD = 'exec 3<&0 </dev/null; (read _ <&3; kill -KILL 0) & exec "$@" 3<&-'
+# command keeps default signal handling and its real exit status. The watcher is forked twice,
+# so it is no child of the command (a command waiting for all its children would wait forever),
+# and is born ignoring catchable signals (ignored, unlike trapped, signals survive the fork), so
+# a step's own `kill 0` cannot disarm it, however early it comes.
+SIGNALS = "HUP INT QUIT TERM USR1 USR2 ALRM PIPE"
+GUARD = (f'exec 3<&0 </dev/null; trap "" {SIGNALS}; ( (read _ <&3; kill -KILL 0) & ); '
+         f'trap - {SIGNALS}; exec "$@" 3<&-')
 _lifeline: tuple[int, int, int] | None = None  # (pid, read end, write end); never written to
 
 
@@ -121,6 +126,11 @@ class RunningStep:
         except (ProcessLookupError, PermissionError):
             pass
         self.proc.wait()
+        while True:  # when we are the reaper (PID 1 in a container), orphans of the group are ours to reap
+            try:
+                os.waitid(os.P_PGID, self.proc.pid, os.WEXITED)
+            except (ChildProcessError, OSError):
+                break
         if getattr(self, "_pidfd", None) is not None:
             os.close(self._pidfd)
             self._pidfd = None

@@ -72,7 +72,10 @@ def command_line(params: dict, ctx) -> tuple[list[str], dict[str, str]]:
     env = dict(params.get("env") or {})
     env["TUNEMAKE_OUT"] = str(ctx.out)
     for name, path in ctx.deps.items():
-        env[env_name(name)] = str(path)
+        variable = env_name(name)
+        if variable in env:  # validate() cannot tell a target from a path of the same name
+            raise ValueError(f"deps: two dependency targets would share ${variable}; rename one")
+        env[variable] = str(path)
 
     def substitute(text: str) -> str:
         def repl(m: re.Match) -> str:
