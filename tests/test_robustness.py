@@ -38,6 +38,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _kill_9_then_alive(build, pid_file) -> bool:
+    """kill -9 tunemake; is the step's child (its pid in pid_file) still alive 10 s later?"""
+    sleeper = int(pid_file.read_text())
+    os.kill(build.pid, signal.SIGKILL)
+    build.wait()
+    deadline = time.monotonic() + 10
+    while _alive(sleeper) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _alive(sleeper)
+
+
 def test_kill_9_leaves_no_partial_entry_and_no_orphans(project):
     project.tunefile(f"""
         [target.slow]
@@ -47,14 +58,8 @@ def test_kill_9_leaves_no_partial_entry_and_no_orphans(project):
     (project.root / "pids").mkdir()
     build = _spawn_build(project)
     _wait_for(project.root / "pids/sleeper")
-    sleeper = int((project.root / "pids/sleeper").read_text())
-    assert _alive(sleeper)
-    os.kill(build.pid, signal.SIGKILL)
-    build.wait()
-    deadline = time.monotonic() + 10
-    while _alive(sleeper) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(sleeper), "the step's children outlived tunemake"
+    assert _alive(int((project.root / "pids/sleeper").read_text()))
+    assert not _kill_9_then_alive(build, project.root / "pids/sleeper"), "the step's children outlived tunemake"
     assert not list((project.root / ".tunecache/ac").glob("*/*.json")) if (project.root / ".tunecache/ac").exists() else True
     assert not (project.root / "targets/slow").exists()
 
@@ -357,10 +362,4 @@ def test_a_step_that_signals_its_own_group_still_dies_with_tunemake(project):
     (project.root / "pids").mkdir()
     build = _spawn_build(project)
     _wait_for(project.root / "pids/sleeper")
-    sleeper = int((project.root / "pids/sleeper").read_text())
-    os.kill(build.pid, signal.SIGKILL)
-    build.wait()
-    deadline = time.monotonic() + 10
-    while _alive(sleeper) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(sleeper), "`kill 0` in the step disarmed the guard"
+    assert not _kill_9_then_alive(build, project.root / "pids/sleeper"), "`kill 0` in the step disarmed the guard"

@@ -286,16 +286,20 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _single_target(project, name: str) -> str:
+    if name not in project.targets:
+        project.expand([name])  # raises the unknown-target error
+        raise UserError(f"'{name}' is a matrix family: name one of {', '.join(project.groups[name])}")
+    return name
+
+
 def cmd_show(args) -> int:
     from tunemake import kinds
     from tunemake.maintenance import human
 
     project, engine = _engine(args)
     engine.close()
-    name = args.target
-    if name not in project.targets:
-        project.expand([name])  # raises the unknown-target error
-        raise UserError(f"'{name}' is a matrix family: show one of {', '.join(project.groups[name])}")
+    name = _single_target(project, args.target)
     state = engine.store.get_state(name)
     if state is None:
         print(f"{name}: never built (run `tunemake build {name}`)")
@@ -330,10 +334,7 @@ def cmd_log(args) -> int:
     them), so a target restored from a cache, even a colleague's, still shows how it was made."""
     project, engine = _engine(args)
     engine.close()
-    name = args.target
-    if name not in project.targets:
-        project.expand([name])  # raises the unknown-target error
-        raise UserError(f"'{name}' is a matrix family: show the log of one of {', '.join(project.groups[name])}")
+    name = _single_target(project, args.target)
     state = engine.store.get_state(name)
     digest = (state or {}).get("built", {}).get("log")
     last = engine.store.log_path(name)
