@@ -312,8 +312,11 @@ def test_stale_working_folders_are_judged_by_their_owner_lock_not_the_pid(projec
         holder.wait()
     stray = lock.with_name("owner-888888888x89abcdef")  # a dead owner that left no folder
     stray.write_text("")
+    foreign = project.root / "targets" / ".t.tmp-777777777x89abcdef-abc123"  # owner uses another cache
+    foreign.mkdir()
     project.build()
     assert not tmp.exists() and not staging.exists() and not lock.exists() and not stray.exists()
+    assert foreign.is_dir()
     assert project.read("targets/t/t") == "t\n"
 
 

@@ -298,8 +298,11 @@ class Engine:
                 token = owner_of(entry.name)
                 if token is None or token == owner_token():
                     continue
+                lock_file = self.store.lock_path(f"owner-{token}")
+                if token not in dead and parent == self.project.targets_dir and not lock_file.exists():
+                    continue  # staged by a build using another cache folder: not ours to judge
                 if token not in dead:
-                    lock = FileLock(self.store.lock_path(f"owner-{token}"))
+                    lock = FileLock(lock_file)
                     dead[token] = lock.try_acquire()
                     if dead[token]:
                         lock.path.unlink(missing_ok=True)
