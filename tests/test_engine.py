@@ -260,8 +260,12 @@ def test_failure_keeps_log_and_is_not_cached(project):
     assert proc.returncode == 1
     assert project.read("targets/other/z").strip() == "ok"
     assert "skipped  after" in proc.stdout
+    status = project.run("status", check=True).stdout
+    assert "never built: failed" in status and "with these inputs: exit status 3 (tunemake log bad --last)" in status
     assert not list((project.root / ".tunecache/ac").glob("*/*.json")) or all(
         json.loads(p.read_text())["target"] != "bad" for p in (project.root / ".tunecache/ac").glob("*/*.json"))
+    project.build("--set", "bad.cmd=echo fixed > $TUNEMAKE_OUT/x.txt", "bad")
+    assert "failed" not in project.run("status", "bad", check=True).stdout  # a success clears the record
 
 
 def test_declared_outs(project):

@@ -251,6 +251,10 @@ class Engine:
             else:
                 outcome.status[name] = "stale"
                 outcome.reasons[name] = keys.explain(state.get("components"), parts) or ["cache entry missing"]
+            failure = self.store.get_failure(name)
+            if failure and failure.get("key") == key:
+                outcome.reasons[name].insert(0, f"failed {_ago(failure.get('finished'))} with these inputs: "
+                                                f"{failure.get('detail')} (tunemake log {name} --last)")
         return outcome
 
     def _remote_entry(self, key: str) -> dict | None:
@@ -391,6 +395,8 @@ class _Scheduler:
     def _succeeded(self, name: str, tree: str, status: str, detail: str = "") -> None:
         """A target's output is known: its dependents may now be decided."""
         self.trees[name] = tree
+        if status != "up to date":
+            self.engine.store.clear_failure(name)
         self._set(name, status, detail)
         for dependent in self.dependents.get(name, ()):
             if dependent in self.unfinished:
@@ -493,12 +499,12 @@ class _Scheduler:
                     # it: the outputs may mix both, so they must not be cached under this key
                     os.replace(step.log, log_copy)
                     self._fail(name, f"targets/{replaced[0]} was replaced by another tunemake build "
-                                     "while this step ran; its outputs were discarded: build again")
+                                     "while this step ran; its outputs were discarded: build again", key=key)
                 elif code == 0:
                     try:
                         entry = step.finish(self.engine, key, parts)
                     except Exception as exc:  # e.g. outputs lost on the way back from a remote worker
-                        self._fail(name, f"could not collect outputs: {exc}")
+                        self._fail(name, f"could not collect outputs: {exc}", key=key)
                         continue
                     self.engine.restore(name, key, parts, entry)
                     self.engine.publish(key, entry)
@@ -507,7 +513,7 @@ class _Scheduler:
                 else:
                     os.replace(step.log, log_copy)
                     how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-                    self._fail(name, f"{how}, log: {_rel(log_copy)}", log_copy)
+                    self._fail(name, f"{how}, log: {_rel(log_copy)}", log_copy, key=key)
             finally:
                 lock.release()
                 rmtree(step.tmp)
@@ -522,8 +528,11 @@ class _Scheduler:
                 replaced.append(dep)
         return replaced
 
-    def _fail(self, name: str, detail: str, log: Path | None = None) -> None:
+    def _fail(self, name: str, detail: str, log: Path | None = None, key: str | None = None) -> None:
         self._set(name, "failed", detail)
+        if key is not None:  # so `status` can say the same inputs failed last time
+            self.engine.store.put_failure(name, {"key": key, "detail": detail.split(", log: ")[0],
+                                                 "finished": time.time()})
         if log is not None:
             self.outcome.failed_logs[name] = log
             tail = run.log_tail(log)

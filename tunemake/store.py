@@ -6,6 +6,7 @@ Layout under the cache dir (a remote store uses the same `cas/` and `ac/`):
     ac/12/1234....json  action cache: key -> output manifest + build metadata
     state/NAME.json     per target: last key, its components (for explain), what was materialized
     logs/NAME.log       the last log of each target
+    failed/NAME.json    the key and reason of a target's last failed run, until it succeeds
     tmp/                steps write here; moved into cas/ only after success
     locks/              flock files: one per key being built, one per target being materialized
 """
@@ -83,6 +84,16 @@ class Store:
 
     def log_path(self, target: str) -> Path:
         return self.root / "logs" / f"{target}.log"
+
+    # -- the last failed run of a target with a given key (for `status`) ---------
+    def put_failure(self, target: str, record: dict) -> None:
+        write_json_atomic(self.root / "failed" / f"{target}.json", record)
+
+    def get_failure(self, target: str) -> dict | None:
+        return read_json(self.root / "failed" / f"{target}.json")
+
+    def clear_failure(self, target: str) -> None:
+        (self.root / "failed" / f"{target}.json").unlink(missing_ok=True)
 
     def new_tmp_dir(self, label: str) -> Path:
         path = self.root / "tmp" / f"{self.owner()}-{label}-{uuid.uuid4().hex[:8]}"
