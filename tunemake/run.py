@@ -61,6 +61,7 @@ class RunningStep:
     direct: bool = False  # a command line run as is, not a Python child
     check: Callable[[], None] | None = None  # run after exit 0; a ValueError fails the step
     _code: int | None = None
+    pidfd: int | None = None  # readable once the step exits (Linux pidfd); None where unsupported
 
     def poll(self) -> int | None:
         if self._code is None and self.proc.poll() is not None:
@@ -72,13 +73,8 @@ class RunningStep:
         return self.poll()
 
     def fileno(self) -> int | None:
-        """A descriptor that becomes readable when the step exits (Linux pidfd), for select()."""
-        if not hasattr(self, "_pidfd"):
-            try:
-                self._pidfd = os.pidfd_open(self.proc.pid)
-            except (AttributeError, OSError):  # not Linux >= 5.3, or already reaped
-                self._pidfd = None
-        return self._pidfd
+        """What the scheduler polls to wake up when the step exits."""
+        return self.pidfd
 
     def _checked(self, code: int) -> int:
         if code != 0:
@@ -131,9 +127,9 @@ class RunningStep:
                 os.waitid(os.P_PGID, self.proc.pid, os.WEXITED)
             except (ChildProcessError, OSError):
                 break
-        if getattr(self, "_pidfd", None) is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
 
     def finish(self, engine, key: str, parts: dict) -> dict:
         return engine.finish(self, key, parts)
@@ -220,7 +216,11 @@ def start(target: str, module: str, params: dict, project_dir: Path, deps: dict[
             argv, cwd=project_dir, env=env, stdin=stdin, stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: we can kill the whole tree
         )
-    return RunningStep(target, proc, tmp, out, log, progress_file, gpus, direct=direct, check=check)
+    try:
+        pidfd = os.pidfd_open(proc.pid)  # not reaped yet: nobody has waited for it
+    except (AttributeError, OSError):  # not Linux >= 5.3
+        pidfd = None
+    return RunningStep(target, proc, tmp, out, log, progress_file, gpus, direct=direct, check=check, pidfd=pidfd)
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
