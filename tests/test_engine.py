@@ -525,3 +525,6 @@ def test_log_shows_how_the_current_outputs_were_made_even_after_a_cache_restore(
     assert "tunemake log t" in project.run("show", "t", check=True).stdout
     proc = project.run("log", "nope")
     assert proc.returncode == 2 and "unknown target 'nope'" in proc.stderr
+    project.run("cache", "gc", "--max-size", "0", check=True)  # drops the entry and its log blob
+    proc = project.run("log", "t")
+    assert proc.returncode == 2 and "removed by `cache gc`" in proc.stderr and "making" not in proc.stdout

@@ -531,8 +531,11 @@ class _Scheduler:
     def _fail(self, name: str, detail: str, log: Path | None = None, key: str | None = None) -> None:
         self._set(name, "failed", detail)
         if key is not None:  # so `status` can say the same inputs failed last time
-            self.engine.store.put_failure(name, {"key": key, "detail": detail.split(", log: ")[0],
-                                                 "finished": time.time()})
+            try:
+                self.engine.store.put_failure(name, {"key": key, "detail": detail.split(", log: ")[0],
+                                                     "finished": time.time()})
+            except OSError:  # a convenience: never a reason to stop the build
+                pass
         if log is not None:
             self.outcome.failed_logs[name] = log
             tail = run.log_tail(log)

@@ -338,12 +338,17 @@ def cmd_log(args) -> int:
     state = engine.store.get_state(name)
     digest = (state or {}).get("built", {}).get("log")
     last = engine.store.log_path(name)
-    if not args.last and digest and engine.store.has_blob(digest):
-        data = engine.store.blob_path(digest).read_bytes()
-    elif last.is_file():
+    if args.last or not digest:
+        if not last.is_file():
+            raise UserError(f"{name}: no step of it has run here (`tunemake build {name}`)")
+        if not args.last:
+            print(f"{name} has no outputs yet; the last run here:", file=sys.stderr)
         data = last.read_bytes()
+    elif engine.store.has_blob(digest):
+        data = engine.store.blob_path(digest).read_bytes()
     else:
-        raise UserError(f"{name}: no log here (never built or restored in this project)")
+        raise UserError(f"{name}: the log of the step that made its outputs was removed by `cache gc`; "
+                        f"`tunemake log {name} --last` shows the last step run here")
     sys.stdout.buffer.write(data)
     sys.stdout.flush()
     return 0

@@ -182,3 +182,12 @@ def test_quantized_folder_delegates_to_quantized_module(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tunemake.models.quantized", fake)
     assert load_model(tmp_path, dtype=torch.bfloat16) == "quantized"
     assert calls == [(tmp_path, "cpu", torch.bfloat16)]
+
+
+def test_config_defaults_follow_transformers_per_family():
+    from transformers import Qwen3Config
+
+    base = dict(vocab_size=10, hidden_size=64, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4)
+    qwen3 = ModelArgs.from_hf_config({**base, "model_type": "qwen3"})
+    assert qwen3.head_dim == Qwen3Config(**base).head_dim == 128 and qwen3.qk_norm and not qwen3.qkv_bias
+    assert ModelArgs.from_hf_config({**base, "model_type": "llama"}).head_dim == 16

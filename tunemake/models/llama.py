@@ -81,7 +81,8 @@ class ModelArgs:
         dim = required_int("hidden_size")
         n_heads = required_int("num_attention_heads")
         n_kv_heads = config.get("num_key_value_heads") or n_heads
-        head_dim = config.get("head_dim") or dim // n_heads
+        # transformers' Qwen3Config defaults head_dim to 128, the others derive it
+        head_dim = config.get("head_dim") or (128 if model_type == "qwen3" else dim // n_heads)
         for key, value in (("num_key_value_heads", n_kv_heads), ("head_dim", head_dim)):
             if not isinstance(value, int) or value <= 0:
                 fail(f"field {key!r} must be a positive integer, got {value!r}")
