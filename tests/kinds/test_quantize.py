@@ -13,6 +13,8 @@ from torch import nn
 from tunemake.kinds import quantize
 from tunemake.models import ModelArgs, Transformer, load_model, save_checkpoint
 from tunemake.models.quantized import (
+    INT4_CPU_DEQUANTIZE_ROWS,
+    int4_cpu_dequantize,
     int4_cpu_weight,
     load_quantized_model,
     pad_in_features,
@@ -421,3 +423,31 @@ def test_qwen3_keeps_its_qk_norms_and_matches_the_in_memory_reference(tmp_path, 
     assert torch.equal(reloaded.model.layers[1].self_attn.k_norm.weight, original.model.layers[1].self_attn.k_norm.weight)
     in_memory = quantize_in_memory(original, scheme, info["groupsize"])
     assert torch.equal(logits(reloaded), logits(in_memory))
+
+
+@pytest.mark.parametrize("rows,groupsize", [(1536, 64), (1000, 256), (48, 32), (80, 128), (17, 128)])
+def test_int4_cpu_dequantize_is_the_weight_the_kernel_uses(rows, groupsize):
+    # full 64-row blocks, a shorter last block, rows padded to 16: the kernel applied to an
+    # identity matrix returns exactly the weight it computes with
+    weight = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    packed = int4_cpu_weight(weight, groupsize)
+    kernel = nn.functional.linear(torch.eye(256, dtype=torch.bfloat16), packed).t()
+    dense = int4_cpu_dequantize(packed)
+    assert dense.shape == (rows, 256) and torch.equal(dense, kernel)
+
+
+def test_loaded_int4_model_uses_the_kernel_for_decode_and_dense_math_for_long_inputs(tied, tmp_path):
+    build(tied, tmp_path / "out", scheme="int4_weight_only")
+    model = load_model(tmp_path / "out")
+    linear = model.model.layers[0].mlp.down_proj  # padded: 320 -> 512 input features
+    dense = int4_cpu_dequantize(linear.weight)
+    generator = torch.Generator().manual_seed(0)
+    few = torch.randn(1, 3, 320, generator=generator).bfloat16()
+    many = torch.randn(2, INT4_CPU_DEQUANTIZE_ROWS // 2, 320, generator=generator).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(linear(few), nn.functional.linear(nn.functional.pad(few, (0, 192)), linear.weight))
+        fast = linear(many)
+        assert torch.equal(fast, nn.functional.linear(nn.functional.pad(many, (0, 192)), dense))
+        kernel = nn.functional.linear(nn.functional.pad(many, (0, 192)), linear.weight)
+    # the same int4 model: the two paths differ only by rounding the weight to bf16
+    assert ((fast.float() - kernel.float()).norm() / kernel.float().norm()) < 1e-2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -165,6 +166,47 @@ def int4_cpu_weight(weight: torch.Tensor, groupsize: int, chunk_rows: int = 4096
     )
 
 
+# From this many input rows (tokens x batch) on, a bf16 matmul on the dequantized weight beats
+# the packed int4 CPU kernel (1536x576 weight, one thread: 512 rows 3.0 ms vs 5.4 ms; the
+# dequantization costs ~1 ms, so below ~200 rows the kernel wins). Decode never gets here.
+INT4_CPU_DEQUANTIZE_ROWS = 256
+
+
+def int4_cpu_dequantize(weight) -> torch.Tensor:
+    """The dense weight an Int4OpaqueTensor stands for, in its scales' dtype (torchao 0.18 has
+    no dequantize for it). Tests check it against the kernel applied to an identity matrix.
+
+    Undoes aten._convert_weight_to_int4pack_for_cpu: each full block of 64 output rows is
+    stored as [in_features, 32] bytes, row j in the low nibble and row 32 + j in the high one;
+    the last, shorter block as [in_features, rows / 2] bytes, rows 2i and 2i + 1. Then the
+    tinygemm dequantization, (code - 8) * scale + zero, per group of in_features.
+    """
+    packed = weight.qdata
+    rows, in_features = packed.shape[0], weight.shape[1]
+    full = rows // 64 * 64
+    blocks = []
+    if full:
+        b = packed[:full].reshape(rows // 64, in_features, 32)
+        blocks.append(torch.cat([b & 0xF, b >> 4], 2).permute(0, 2, 1).reshape(full, in_features))
+    if rows > full:
+        b = packed[full:].reshape(in_features, (rows - full) // 2)
+        blocks.append(torch.stack([b & 0xF, b >> 4], -1).reshape(in_features, rows - full).t())
+    codes = torch.cat(blocks)[: weight.shape[0]]
+    scale_and_zero = weight.scale_and_zero[:, : weight.shape[0]]  # [groups, out_features, 2]
+    group = weight.block_size[1]
+    scale = scale_and_zero[..., 0].t().float().repeat_interleave(group, 1)
+    zero = scale_and_zero[..., 1].t().float().repeat_interleave(group, 1)
+    return ((codes.float() - 8) * scale + zero).to(scale_and_zero.dtype)  # fp32 math, as the kernel
+
+
+def int4_cpu_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear with a packed int4 CPU weight: the int4 kernel for few rows (decode), a dense
+    matmul on the dequantized weight for many (prefill, eval), where the kernel is ~2x slower."""
+    if x.numel() // x.shape[-1] >= INT4_CPU_DEQUANTIZE_ROWS:
+        return F.linear(x, int4_cpu_dequantize(module.weight).to(x.dtype), module.bias)
+    return F.linear(x, module.weight, module.bias)
+
+
 def pad_in_features(weight: torch.Tensor, multiple: int | None) -> torch.Tensor:
     """Append zero columns so in_features becomes a multiple of `multiple` (a no-op when it is, or None)."""
     missing = -weight.shape[1] % multiple if multiple else 0
@@ -287,6 +329,10 @@ def load_quantized_model(folder, device="cpu", dtype=None):
         setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))
     for module_name in padded:
         model.get_submodule(module_name).register_forward_pre_hook(pad_input_to_weight)
+    if info["scheme"] == "int4_weight_only" and device.type == "cpu":
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and type(module.weight).__name__ == "Int4OpaqueTensor":
+                module.forward = types.MethodType(int4_cpu_linear_forward, module)
     for name, buffer in model.named_buffers():
         if buffer.device != device:
             module_name, _, leaf = name.rpartition(".")
