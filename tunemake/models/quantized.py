@@ -9,6 +9,9 @@ embeddings a quantized output projection is stored as its own `lm_head.weight`.
 A layer whose in_features is not a multiple of the group size is stored with zero
 columns appended up to the next multiple; a forward pre-hook appends zeros to its input,
 so the extra columns contribute exactly nothing. quantization.json lists these layers.
+
+Loaded on CPU, a packed int4 linear runs torch's int4 kernel for a few rows (decode) and a
+bf16 matmul on its dequantized weight for many (prefill, eval), where that is ~2x faster.
 """
 
 from __future__ import annotations
