@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from engine_helpers import Project
@@ -107,5 +109,6 @@ def test_worker_kills_a_failed_steps_children_and_keeps_no_descriptor(tmp_path):
     deadline = time.monotonic() + 5
     while os.path.exists(f"/proc/{sleeper}") and time.monotonic() < deadline:
         time.sleep(0.05)
-    state = open(f"/proc/{sleeper}/stat").read().split()[2] if os.path.exists(f"/proc/{sleeper}") else "gone"
+    stat_file = Path(f"/proc/{sleeper}/stat")
+    state = stat_file.read_text().split()[2] if stat_file.exists() else "gone"
     assert state in ("gone", "Z"), "the failed step's background child outlived it"

@@ -292,7 +292,8 @@ class Engine:
 
     def _clean_stale_tmp(self) -> None:
         """Remove working folders left by builds that were killed: their owner lock is free."""
-        dead: dict[str, bool] = {}
+        me = owner_token()
+        folders: dict[str, list[Path]] = {}
         for parent in (self.store.root / "tmp", self.project.targets_dir):
             if not parent.is_dir():
                 continue
@@ -300,26 +301,17 @@ class Engine:
                 if parent == self.project.targets_dir and not entry.name.startswith("."):
                     continue
                 token = owner_of(entry.name)
-                if token is None or token == owner_token():
+                if token is None or token == me:
                     continue
-                lock_file = self.store.lock_path(f"owner-{token}")
-                if token not in dead and parent == self.project.targets_dir and not lock_file.exists():
+                if parent == self.project.targets_dir and not self.store.lock_path(f"owner-{token}").exists():
                     continue  # staged by a build using another cache folder: not ours to judge
-                if token not in dead:
-                    lock = FileLock(lock_file)
-                    dead[token] = lock.try_acquire()
-                    if dead[token]:
-                        lock.path.unlink(missing_ok=True)
-                        lock.release()
-                if dead[token]:
+                folders.setdefault(token, []).append(entry)
+        # owners that left no folder are swept too, so their lock files do not pile up
+        owners = {f.name.removeprefix("owner-") for f in (self.store.root / "locks").glob("owner-*")}
+        for token in (set(folders) | owners) - {me}:
+            if self.store.owner_gone(token):
+                for entry in folders.get(token, ()):
                     rmtree(entry)
-        for lock_file in (self.store.root / "locks").glob("owner-*"):  # owners that left no folder
-            token = lock_file.name.removeprefix("owner-")
-            if token not in dead and token != owner_token():
-                lock = FileLock(lock_file)
-                if lock.try_acquire():
-                    lock_file.unlink(missing_ok=True)
-                    lock.release()
 
 
 class _Scheduler:
@@ -376,7 +368,7 @@ class _Scheduler:
 
     def _wait(self) -> None:
         """Until a step exits (a pidfd turns readable) or it is time to look at progress again."""
-        fds = [getattr(step, "fileno", lambda: None)() for step, *_ in self.running.values()]
+        fds = [step.fileno() for step, *_ in self.running.values()]
         slots_full = len(self.running) >= self.options.jobs  # then ready steps wait for an exit too
         if fds and None not in fds and (slots_full or not self.ready):
             poller = select.poll()  # not select(): descriptors above 1023 are fine

@@ -47,6 +47,17 @@ class UnhashableFile(Exception):
     """A source or output that is not a regular file (FIFO, device, dangling link)."""
 
 
+def _regular_stat(path: Path) -> os.stat_result:
+    """stat, following links; a FIFO, device or dangling link is an error, not a hang."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise UnhashableFile(f"{path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UnhashableFile(f"{path}: not a regular file")
+    return st
+
+
 class StatCache:
     """(path, inode, size, mtime_ns) -> digest, kept in one JSON file.
 
@@ -93,12 +104,7 @@ class StatCache:
             dirnames.sort()
             for fn in sorted(filenames):
                 full = Path(dirpath) / fn
-                try:
-                    st = os.stat(full)
-                except OSError as exc:
-                    raise UnhashableFile(f"{full}: {exc.strerror or exc}") from None
-                if not stat.S_ISREG(st.st_mode):
-                    raise UnhashableFile(f"{full}: not a regular file")
+                st = _regular_stat(full)
                 rel = full.relative_to(root).as_posix()
                 manifest[rel] = {"digest": self.file(full, st), "size": st.st_size,
                                  "x": bool(st.st_mode & stat.S_IXUSR)}
@@ -108,13 +114,7 @@ class StatCache:
         """Digest of a source path: a file's content, or a folder's tree."""
         if path.is_dir():
             return "tree:" + tree_digest(self.tree(path, skip))
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise UnhashableFile(f"{path}: {exc.strerror or exc}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise UnhashableFile(f"{path}: not a regular file")
-        return self.file(path, st)
+        return self.file(path, _regular_stat(path))
 
     def close(self) -> None:
         """Merge our new entries into the file (another build may have added its own)."""

@@ -105,6 +105,9 @@ class RayStep:
         if self.result is not None and not self.log.exists():
             self.log.write_bytes(self.result["log"])
 
+    def fileno(self) -> None:
+        return None  # no local process to wake the scheduler: it polls
+
     def read_progress(self) -> dict | None:
         self._drain()
         progress, self._progress = self._progress, None

@@ -65,6 +65,15 @@ class Store:
             self._owner_lock.try_acquire()
         return token
 
+    def owner_gone(self, token: str) -> bool:
+        """True if no live process holds that owner's lock; its lock file is then removed."""
+        lock = FileLock(self.lock_path(f"owner-{token}"))
+        if not lock.try_acquire():
+            return False
+        lock.path.unlink(missing_ok=True)
+        lock.release()
+        return True
+
     def release_owner(self) -> None:
         """At a clean exit: nothing of ours is left to protect."""
         if self._owner_lock is not None:
@@ -85,15 +94,18 @@ class Store:
     def log_path(self, target: str) -> Path:
         return self.root / "logs" / f"{target}.log"
 
+    def failure_path(self, target: str) -> Path:
+        return self.root / "failed" / f"{target}.json"
+
     # -- the last failed run of a target with a given key (for `status`) ---------
     def put_failure(self, target: str, record: dict) -> None:
-        write_json_atomic(self.root / "failed" / f"{target}.json", record)
+        write_json_atomic(self.failure_path(target), record)
 
     def get_failure(self, target: str) -> dict | None:
-        return read_json(self.root / "failed" / f"{target}.json")
+        return read_json(self.failure_path(target))
 
     def clear_failure(self, target: str) -> None:
-        (self.root / "failed" / f"{target}.json").unlink(missing_ok=True)
+        self.failure_path(target).unlink(missing_ok=True)
 
     def new_tmp_dir(self, label: str) -> Path:
         path = self.root / "tmp" / f"{self.owner()}-{label}-{uuid.uuid4().hex[:8]}"

@@ -322,30 +322,16 @@ def _resolve_vars(fname, locate, variables: dict) -> dict:
             cycle = " -> ".join(chain[chain.index(name):] + (name,))
             raise located(fname, locate.key("vars", chain[0]), None, f"vars.{chain[0]}", f"vars refer to each other: {cycle}")
 
-        def expand(value):
-            if isinstance(value, dict):
-                return {k: expand(v) for k, v in value.items()}
-            if isinstance(value, list):
-                return [expand(v) for v in value]
-            if not isinstance(value, str) or "${" not in value:
-                return value
-            if "${matrix." in value:  # vars are expanded once for all targets, after the matrix
+        def lookup(scope: str, key: str, _field):
+            if scope == "matrix":  # vars are expanded once for all targets, after the matrix
                 raise located(fname, locate.key("vars", name), None, f"vars.{name}",
                               "${matrix.…} cannot be used in vars; use it in the target's own params")
+            if key not in variables:
+                raise located(fname, locate.key("vars", name), None, f"vars.{name}",
+                              f"${{vars.{key}}} is not defined (defined vars: {', '.join(sorted(variables))})")
+            return resolve(key, chain + (name,))
 
-            def lookup(key: str):
-                if key not in variables:
-                    known = ", ".join(sorted(variables))
-                    raise located(fname, locate.key("vars", name), None, f"vars.{name}",
-                                  f"${{vars.{key}}} is not defined (defined vars: {known})")
-                return resolve(key, chain + (name,))
-
-            whole = INTERP_RE.fullmatch(value)
-            if whole and whole.group(1) == "vars":
-                return lookup(whole.group(2))
-            return INTERP_RE.sub(lambda m: str(lookup(m.group(2))) if m.group(1) == "vars" else m.group(0), value)
-
-        resolved[name] = expand(variables[name])
+        resolved[name] = _substitute(variables[name], lookup)
         return resolved[name]
 
     for name in variables:
@@ -353,17 +339,10 @@ def _resolve_vars(fname, locate, variables: dict) -> dict:
     return resolved
 
 
-def _interpolate(fname, locate, target, value, variables, matrix, matrix_only=False, field=None):
-    """Replace ${vars.x} / ${matrix.x}; a string that is exactly one reference keeps the value's type."""
-    if isinstance(value, dict):
-        return {k: _interpolate(fname, locate, target, v, variables, matrix, matrix_only, field or k)
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [_interpolate(fname, locate, target, v, variables, matrix, matrix_only, field) for v in value]
-    if not isinstance(value, str) or "${" not in value:
-        return value
+def _interpolate(fname, locate, target, value, variables, matrix, matrix_only=False):
+    """Replace ${vars.x} / ${matrix.x} in a target's table."""
 
-    def lookup(scope: str, key: str):
+    def lookup(scope: str, key: str, field):
         table = variables if scope == "vars" else matrix
         if scope == "vars" and matrix_only:
             return None  # resolved in the second pass
@@ -373,13 +352,26 @@ def _interpolate(fname, locate, target, value, variables, matrix, matrix_only=Fa
                           f"${{{scope}.{key}}} is not defined (defined {scope}: {known})")
         return table[key]
 
+    return _substitute(value, lookup)
+
+
+def _substitute(value, lookup, field=None):
+    """Replace ${scope.key} in strings, inside tables and lists too. `lookup(scope, key, field)`
+    gives the value (None leaves the reference as written); `field` is the top-level key, for
+    errors. A string that is exactly one reference keeps the value's type."""
+    if isinstance(value, dict):
+        return {k: _substitute(v, lookup, field or k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, lookup, field) for v in value]
+    if not isinstance(value, str) or "${" not in value:
+        return value
     whole = INTERP_RE.fullmatch(value)
     if whole:
-        found = lookup(*whole.groups())
+        found = lookup(whole.group(1), whole.group(2), field)
         return value if found is None else found
 
     def sub(m: re.Match) -> str:
-        found = lookup(m.group(1), m.group(2))
+        found = lookup(m.group(1), m.group(2), field)
         return m.group(0) if found is None else str(found)
 
     return INTERP_RE.sub(sub, value)

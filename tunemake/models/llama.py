@@ -101,17 +101,14 @@ class ModelArgs:
                     if not isinstance(rope_scaling.get(key), (int, float)):
                         fail(f"rope 'llama3' needs a numeric {key!r}")
 
-        if model_type in ("qwen2", "qwen3"):
-            if config.get("use_sliding_window"):
-                fail(f"{model_type} with use_sliding_window=true is not supported")
-            sliding_window = None
-            qkv_bias = True if model_type == "qwen2" else bool(config.get("attention_bias", False))
-            o_bias = False if model_type == "qwen2" else qkv_bias
-            mlp_bias = False
+        if model_type in ("qwen2", "qwen3") and config.get("use_sliding_window"):
+            fail(f"{model_type} with use_sliding_window=true is not supported")
+        sliding_window = config.get("sliding_window") if model_type == "mistral" else None
+        if model_type == "qwen2":  # q/k/v always biased, o_proj and the MLP never
+            qkv_bias, o_bias, mlp_bias = True, False, False
         else:
-            sliding_window = config.get("sliding_window") if model_type == "mistral" else None
             qkv_bias = o_bias = bool(config.get("attention_bias", False))
-            mlp_bias = bool(config.get("mlp_bias", False))
+            mlp_bias = model_type != "qwen3" and bool(config.get("mlp_bias", False))
 
         interpreted = {
             "model_type", "architectures", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -172,11 +169,9 @@ class ModelArgs:
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
         )
-        if self.model_type == "qwen2":
+        if self.model_type in ("qwen2", "qwen3"):
             config.update(use_sliding_window=False, sliding_window=None)
-        else:
-            if self.model_type == "qwen3":
-                config.update(use_sliding_window=False, sliding_window=None)
+        if self.model_type != "qwen2":
             config.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
             if self.qkv_bias != self.o_bias:
                 raise ValueError(f"{self.model_type} cannot express q/k/v bias without o_proj bias; use model_type 'qwen2'")
