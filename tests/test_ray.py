@@ -92,13 +92,13 @@ def test_worker_kills_a_failed_steps_children_and_keeps_no_descriptor(tmp_path):
     from tunemake.ray_executor import _run_on_worker
 
     pidfile = tmp_path / "sleeper.pid"
-    spec = {"target": "t", "module": "tunemake.kinds.command", "project_dir": str(tmp_path / "driver"),
-            "params": {"cmd": f"sleep 60 & echo $! > {pidfile}; exit 1", "deps": [], "outs": [], "env": {},
-                       "packages": [], "gpus": 0}}
+    spec = {"target": "t", "module": "tunemake.kinds.command", "input_refs": {"deps": []}, "deps": {},
+            "sources": [], "params": {"cmd": f"sleep 60 & echo $! > {pidfile}; exit 1", "deps": [], "outs": [],
+                                      "env": {}, "packages": [], "gpus": 0}}
     remote = (tmp_path / "remote").as_uri()
 
     def result():
-        return list(_run_on_worker(spec, {}, {}, remote, {}))[-1]
+        return list(_run_on_worker(spec, {}, remote, {}))[-1]
 
     assert result()["code"] == 1  # opens the process's lifeline pipe once
     before = len(os.listdir("/proc/self/fd"))

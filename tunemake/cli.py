@@ -28,6 +28,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # the disk, not the tunefile: still one line naming the file
+        where = f"{os.path.relpath(exc.filename)}: " if isinstance(exc.filename, str) else ""
+        print(f"tunemake: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: one line here, the traceback in a file
+        if os.environ.get("TUNEMAKE_DEBUG"):
+            raise
+        import tempfile
+        import traceback
+
+        fd, path = tempfile.mkstemp(prefix="tunemake-crash-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            traceback.print_exc(file=f)
+        print(f"tunemake: internal error: {type(exc).__name__}: {exc} (traceback in {path}; please report it)",
+              file=sys.stderr)
+        return 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,6 +131,10 @@ def _project(args):
     path = tunefile.find_tunefile(Path(args.directory), args.file)
     project = tunefile.load(path, args.overrides)
     graph.check_acyclic(project)
+    cache = project.cache_dir
+    if os.path.lexists(cache) and not cache.is_dir():
+        raise UserError(f"{project.file.name}: the cache folder {os.path.relpath(cache)} is not a folder "
+                        "(remove it, or set [cache] dir)")
     return project
 
 
@@ -149,7 +169,7 @@ def cmd_build(args) -> int:
     if args.executor == "ray" and not args.dry_run:
         from tunemake.ray_executor import RayExecutor
 
-        engine.executor = RayExecutor(engine.remote)
+        engine.executor = RayExecutor(engine.remote, engine.store, engine.upload_sources)
     roots = _roots(project, args.targets)
     if args.jobs < 1:
         raise UserError(f"-j {args.jobs}: must be at least 1")
@@ -404,20 +424,30 @@ def cmd_cache_gc(args) -> int:
 
 def cmd_cache_verify(args) -> int:
     from tunemake.maintenance import verify
-    from tunemake.store import Store
+    from tunemake.store import Store, rmtree
 
     project = _project(args)
-    result = verify(Store(project.cache_dir))
+    store = Store(project.cache_dir)
+    result = verify(store)
     for digest in result["corrupt"]:
         print(f"corrupt blob {digest[:16]}: removed")
     for target, key in result["dropped_actions"]:
         print(f"dropped cache entry {key[:16]} ({target}): it needed a removed blob; the next build redoes it")
+    # a materialized output made from a corrupt blob may be that very inode (a hardlink): it goes too,
+    # or the next build would find targets/NAME untouched and serve the corrupt bytes as up to date
+    corrupt = set(result["corrupt"])
+    for name in project.targets:
+        state = store.get_state(name)
+        if state and any(e["digest"] in corrupt for e in state["outputs"].values()):
+            rmtree(project.output_dir(name))
+            store.state_path(name).unlink(missing_ok=True)
+            print(f"removed targets/{name}: it was made from a corrupt blob; the next build restores or redoes it")
     print(f"checked {result['checked']} blobs: {len(result['corrupt'])} corrupt")
     return 1 if result["corrupt"] else 0
 
 
 def cmd_cache_push(args) -> int:
-    from tunemake.remote import RemoteError
+    from tunemake.remote import CorruptBlob, RemoteError
 
     project, engine = _engine(args)
     if engine.remote is None:
@@ -434,6 +464,10 @@ def cmd_cache_push(args) -> int:
             continue
         try:
             blobs += engine.remote.publish(engine.store, state["key"], entry)
+        except CorruptBlob as exc:
+            engine.store.drop_action(state["key"])  # its blob is gone too: the next build redoes it
+            print(f"  {name}: {exc}: not pushed, the next build redoes it")
+            continue
         except RemoteError as exc:
             print(f"tunemake: error: {exc}", file=sys.stderr)
             return 1

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import blake3
 
+from tunemake.fsutil import read_json, write_atomic
+
 # Files modified this recently are hashed but not remembered: a second write within
 # the filesystem's timestamp granularity would otherwise go unnoticed.
 RACY_WINDOW_NS = 50_000_000
@@ -70,16 +72,18 @@ class StatCache:
         self._path = path
         self._entries: dict[str, list] | None = None
         self._new: dict[str, list] = {}
+        self.seen: dict[str, tuple] = {}  # path -> (inode, size, mtime_ns) of each file as hashed
         self.hashed_bytes = 0  # how much was actually read: tests and benchmarks check this
 
     def _load(self) -> dict[str, list]:
         if self._entries is None:
-            self._entries = _read_json(self._path) if self._path else {}
+            self._entries = (read_json(self._path) or {}) if self._path else {}
         return self._entries
 
     def file(self, path: Path, st: os.stat_result | None = None) -> str:
         st = st or os.stat(path)
         key = str(path)
+        self.seen[key] = (st.st_ino, st.st_size, st.st_mtime_ns)
         hit = self._load().get(key)
         if isinstance(hit, list) and len(hit) == 4 and hit[:3] == [st.st_ino, st.st_size, st.st_mtime_ns]:
             return hit[3]
@@ -110,6 +114,33 @@ class StatCache:
                                  "x": bool(st.st_mode & stat.S_IXUSR)}
         return manifest
 
+    def seen_files(self, path: Path) -> dict[str, tuple]:
+        """The files of a source hashed by this process, with their stats at the time."""
+        root = str(path)
+        return {p: s for p, s in self.seen.items() if p == root or p.startswith(root + os.sep)}
+
+    @staticmethod
+    def current_files(path: Path, skip: tuple[Path, ...] = ()) -> dict[str, tuple]:
+        """A source's files and stats now, walked exactly as `tree` walks them; no hashing."""
+        if not path.is_dir():
+            try:
+                st = os.stat(path)
+            except OSError:
+                return {}
+            return {str(path): (st.st_ino, st.st_size, st.st_mtime_ns)}
+        found = {}
+        for dirpath, dirnames, filenames in os.walk(path):
+            if skip:
+                dirnames[:] = [d for d in dirnames if Path(dirpath, d) not in skip]
+            for fn in filenames:
+                full = Path(dirpath) / fn
+                try:
+                    st = os.stat(full)
+                except OSError:
+                    continue
+                found[str(full)] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        return found
+
     def source(self, path: Path, skip: tuple[Path, ...] = ()) -> str:
         """Digest of a source path: a file's content, or a folder's tree."""
         if path.is_dir():
@@ -120,18 +151,10 @@ class StatCache:
         """Merge our new entries into the file (another build may have added its own)."""
         if not self._new or self._path is None:
             return
-        merged = _read_json(self._path)
+        merged = read_json(self._path) or {}
         merged.update(self._new)
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(merged, separators=(",", ":")))
-        os.replace(tmp, self._path)
         self._new = {}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+        try:
+            write_atomic(self._path, json.dumps(merged, separators=(",", ":")).encode(), durable=False)
+        except OSError:
+            pass  # only a speed-up: a read-only cache still builds

@@ -49,7 +49,8 @@ def source_digest(project_dir: Path, source: str, hasher: StatCache, cache_dir: 
 
 
 def code_digests(target: Target, project_dir: Path, hasher: StatCache) -> dict[str, str]:
-    return {_code_label(f, str(project_dir)): hasher.file(Path(f)) for f in target.code_files}
+    return {_code_label(str(project_dir / f), str(project_dir)): hasher.file(project_dir / f)
+            for f in target.code_files}
 
 
 @lru_cache(maxsize=None)

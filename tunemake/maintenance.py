@@ -43,8 +43,13 @@ class Action:
 
 
 def list_actions(store: Store) -> list[Action]:
-    return sorted((Action(key, entry, path.stat().st_mtime) for key, entry, path in store.actions()),
-                  key=lambda a: a.last_used)
+    found = []
+    for key, entry, path in store.actions():
+        try:
+            found.append(Action(key, entry, path.stat().st_mtime))
+        except OSError:  # dropped by a concurrent build since we listed it
+            continue
+    return sorted(found, key=lambda a: a.last_used)
 
 
 def _exclusive(store: Store) -> FileLock:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from tunemake.errors import UserError
+from tunemake.executor import StepSpec
 
 PROGRESS_SECONDS = 0.2  # how often a worker forwards the step's newest progress line
 
@@ -30,13 +32,15 @@ def _import_ray():
 class RayExecutor:
     """Submits steps to a Ray cluster: RAY_ADDRESS if set, else a local one."""
 
-    def __init__(self, remote):
+    def __init__(self, remote, store, upload_sources):
         if remote is None:
             raise UserError("--executor ray needs a remote cache to exchange inputs and outputs "
                             "(--remote URL, TUNEMAKE_REMOTE or [cache] remote)")
         if remote.read_only:
             raise UserError("--executor ray: workers publish outputs, so the remote cache cannot be read-only")
         self.remote = remote
+        self.store = store
+        self.upload_sources = upload_sources  # source paths -> their manifests, blobs uploaded
         self.ray = _import_ray()
         address = os.environ.get("RAY_ADDRESS") or None
         if address is None:
@@ -53,24 +57,20 @@ class RayExecutor:
     def gpu_slots(self) -> list[str] | None:
         return None  # Ray places GPU tasks itself
 
-    def start(self, engine, name: str, tmp: Path, gpus: list[str]):
-        target = engine.project.targets[name]
+    def start(self, spec: StepSpec, tmp: Path, gpus: list[str]):
         available = self.ray.cluster_resources().get("GPU", 0)
-        if target.gpus > available:
-            raise StepRejected(f"needs {target.gpus} GPU(s) but the Ray cluster has {int(available)}")
-        sources = engine.upload_sources(target)
-        deps = {d: engine.store.get_state(d)["outputs"] for d in target.target_deps}
+        if spec.gpus > available:
+            raise StepRejected(f"needs {spec.gpus} GPU(s) but the Ray cluster has {int(available)}")
+        sources = self.upload_sources(spec.sources)
         # dependencies built or restored before the remote was in use must reach the workers too
-        self.remote.push(engine.store, [e["digest"] for m in deps.values() for e in m.values()])
-        options = {"num_cpus": 1, "num_gpus": target.gpus}
-        if target.gpus:
+        self.remote.push(self.store, [e["digest"] for m in spec.deps.values() for e in m.values()])
+        options = {"num_cpus": 1, "num_gpus": spec.gpus}
+        if spec.gpus:
             options["max_calls"] = 1  # a fresh worker process per GPU task: memory is returned
-        spec = {"target": name, "module": target.module, "params": target.child_params,
-                "project_dir": str(engine.project.dir)}
         # a streaming generator: the worker yields progress while the step runs, then the result
         stream = self._task.options(num_returns="streaming", **options).remote(
-            spec, sources, deps, self.remote.url, self.remote.options)
-        return RayStep(name, stream, tmp, self.ray)
+            asdict(spec), sources, self.remote.url, self.remote.options)
+        return RayStep(spec.target, stream, tmp, self.ray, self.remote)
 
 
 class StepRejected(Exception):
@@ -78,8 +78,9 @@ class StepRejected(Exception):
 
 
 class RayStep:
-    def __init__(self, target: str, stream, tmp: Path, ray):
+    def __init__(self, target: str, stream, tmp: Path, ray, remote):
         self.target = target
+        self.remote = remote
         self.stream = stream  # ray.ObjectRefGenerator of {"progress": ...} items, then the result
         self.tmp = tmp
         self.ray = ray
@@ -105,6 +106,9 @@ class RayStep:
         if self.result is not None and not self.log.exists():
             self.log.write_bytes(self.result["log"])
 
+    def error_line(self) -> str:
+        return (self.result or {}).get("detail") or ""
+
     def fileno(self) -> None:
         return None  # no local process to wake the scheduler: it polls
 
@@ -121,16 +125,19 @@ class RayStep:
         if self.result is None:
             self.ray.cancel(self.stream, force=True)
 
-    def finish(self, engine, key: str, parts: dict) -> dict:
-        """The worker uploaded the blobs: verify them into the local store and record the action."""
+    def collect(self, store) -> dict:
+        """The worker uploaded the blobs: verify them into the local store; the manifest."""
+        from tunemake.records import check_outputs
+
         manifest = self.result["outputs"]
-        corrupt = engine.remote.fetch(engine.store, [e["digest"] for e in manifest.values()])
+        check_outputs(manifest)  # what a worker sent is checked like any remote entry
+        corrupt = self.remote.fetch(store, [e["digest"] for e in manifest.values()])
         if corrupt:
             raise RuntimeError(f"outputs of {self.target} failed verification after upload: {corrupt[0][:16]}")
-        return engine.record(self.target, key, parts, manifest, self.log.read_bytes(), self.started)
+        return manifest
 
 
-def _run_on_worker(spec: dict, sources: dict, deps: dict, remote_url: str, remote_options: dict):
+def _run_on_worker(spec: dict, sources: dict, remote_url: str, remote_options: dict):
     """Runs on a Ray worker: rebuild a private project from the cache, run the step, upload outputs.
 
     A generator: yields {"progress": ...} while the step runs, then the result
@@ -139,36 +146,38 @@ def _run_on_worker(spec: dict, sources: dict, deps: dict, remote_url: str, remot
     import tempfile
 
     from tunemake import run
+    from tunemake.executor import StepSpec, link_inputs, resolve_params
     from tunemake.remote import Remote
     from tunemake.store import Store, output_manifest
 
+    spec = StepSpec(**spec)
     remote = Remote(remote_url, options=remote_options)
     work = Path(tempfile.mkdtemp(prefix="tunemake-worker-"))
     store, step = Store(work / "cache", link="hardlink"), None
     try:
         project = work / "project"
         project.mkdir()  # the step's working directory, even when it has no inputs
-        wanted = [e["digest"] for m in list(sources.values()) + list(deps.values()) for e in m.values()]
+        wanted = [e["digest"] for m in list(sources.values()) + list(spec.deps.values()) for e in m.values()]
         corrupt = remote.fetch(store, wanted)
         if corrupt:
             yield {"code": 1, "log": f"input blob {corrupt[0][:16]} failed verification\n".encode()}
             return
+        placed = {}
         for rel, manifest in sources.items():
+            # a source outside the driver's project (an absolute path) gets a place inside ours
+            dest = project / rel if not Path(rel).is_absolute() else project / "_outside" / rel.lstrip("/")
+            placed[rel] = dest
             if list(manifest) == [""]:  # a single file
-                dest = project / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(store.blob_path(manifest[""]["digest"]), dest)
             else:
-                store.materialize(manifest, project / rel)
-        for name, manifest in deps.items():
-            (project / "targets").mkdir(parents=True, exist_ok=True)
-            store.materialize(manifest, project / "targets" / name)
-        params = _rebase(spec["params"], spec["project_dir"], str(project))
-        dep_dirs = {name: str(project / "targets" / name) for name in deps}
+                store.materialize(manifest, dest)
         tmp = work / "step"
         tmp.mkdir()
+        dep_dirs, _ = link_inputs(store, spec.deps, tmp / "in")
+        params = resolve_params(spec, project, dep_dirs, placed)
         gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]  # set by Ray
-        step = run.start(spec["target"], spec["module"], params, project, dep_dirs, tmp, gpus)
+        step = run.start(spec.target, spec.module, params, project, dep_dirs, tmp, gpus)
         while step.poll() is None:
             progress = step.read_progress()
             if progress:
@@ -176,12 +185,13 @@ def _run_on_worker(spec: dict, sources: dict, deps: dict, remote_url: str, remot
             time.sleep(PROGRESS_SECONDS)
         code = step.poll()
         step.kill()  # background children must not write into the outputs being collected
-        log = step.log.read_bytes()
+        log = step.log.read_bytes() if step.log.exists() else b""
         if code != 0:
-            yield {"code": code, "log": log}
+            reason = step.error_line()
+            yield {"code": code, "log": log, "detail": reason}
             return
         try:
-            manifest, files = output_manifest(step.out)
+            manifest, files = output_manifest(step.out, step.real_out)
         except (RuntimeError, OSError) as exc:
             yield {"code": 1, "log": log + f"could not collect outputs: {exc}\n".encode()}
             return
@@ -194,14 +204,3 @@ def _run_on_worker(spec: dict, sources: dict, deps: dict, remote_url: str, remot
             step.kill()  # a failed step's background children must not outlive it on the worker
         store.release_owner()  # the worker process lives on: its lock must not
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _rebase(value, old: str, new: str):
-    """Params carry absolute paths under the driver's project folder: point them at ours."""
-    if isinstance(value, str):
-        return new + value[len(old):] if value == old or value.startswith(old + os.sep) else value
-    if isinstance(value, list):
-        return [_rebase(v, old, new) for v in value]
-    if isinstance(value, dict):
-        return {k: _rebase(v, old, new) for k, v in value.items()}
-    return value

@@ -1,8 +1,9 @@
 """A shared remote cache through fsspec: s3://, gs://, file://, any fsspec URL.
 
 Same layout as the local store (`ac/` action entries, `cas/` blobs by digest). Nothing from
-the remote is trusted: every blob is re-hashed before it enters the local store, manifest
-paths are checked, and any failure degrades to a local build with a warning.
+the remote is trusted: every blob is re-hashed before it enters the local store, action entries
+are checked (tunemake.records), and any failure degrades to a local build with a warning.
+Nothing is uploaded without a re-hash either: a blob damaged here must not poison the remote.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tunemake.errors import UserError
 from tunemake.hashing import hash_file
+from tunemake.records import check_action
 from tunemake.store import Store
 
 TRANSFER_THREADS = 8
@@ -25,6 +27,15 @@ class RemoteError(Exception):
     """The remote could not be reached or answered nonsense: build locally instead."""
 
 
+class CorruptBlob(RemoteError):
+    """A local file no longer matches its digest (an output edited in place through its hardlink
+    edits the blob): it was not uploaded."""
+
+    def __init__(self, digest: str):
+        super().__init__(f"the local copy of {digest[:16]} no longer matches its digest (edited in place?)")
+        self.digest = digest
+
+
 class Remote:
     def __init__(self, url: str, read_only: bool = False, options: dict | None = None):
         self.url = url.rstrip("/")
@@ -33,6 +44,7 @@ class Remote:
         self._fs = None
         self.root = ""
         self.broken: str | None = None  # after the first network failure we stop trying
+        self.damaged: set[str] = set()  # blobs the remote served corrupt: the next publish replaces them
 
     @property
     def fs(self):
@@ -82,8 +94,8 @@ class Remote:
             return None
         try:
             entry = json.loads(raw)
-            check_manifest(entry)
-        except (ValueError, KeyError, TypeError) as exc:
+            check_action(entry)
+        except (ValueError, RecursionError) as exc:
             raise RemoteError(f"remote cache entry {key[:16]} is malformed: {exc}") from None
         return entry
 
@@ -104,10 +116,16 @@ class Remote:
 
         def one(digest: str) -> None:
             local = staging / digest
-            self._guard("download", lambda: self.fs.get_file(self._path("cas", digest[:2], digest), str(local)))
+            try:
+                self._guard("download", lambda: self.fs.get_file(self._path("cas", digest[:2], digest), str(local)),
+                            missing_ok=True)
+            except FileNotFoundError:  # an entry naming a blob the remote lacks: that entry is bad, not the remote
+                corrupt.append(digest)
+                return
             if hash_file(local) != digest:
                 local.unlink()
                 corrupt.append(digest)
+                self.damaged.add(digest)
                 return
             if on_bytes:
                 on_bytes(local.stat().st_size)
@@ -120,29 +138,50 @@ class Remote:
         return corrupt
 
     def push(self, store: Store, digests: list[str]) -> int:
-        """Upload blobs the remote lacks; returns how many were sent."""
+        """Upload blobs the remote lacks or holds damaged; returns how many were sent.
+        Raises CorruptBlob for a local blob that fails its re-hash (verify_blob deletes it)."""
         if self.read_only:
             return 0
-        return self.upload_files({d: store.blob_path(d) for d in digests})
+        return self.upload_files({d: store.blob_path(d) for d in digests}, store.verify_blob)
 
-    def upload_files(self, files: dict) -> int:
-        """Upload files by digest (sources for remote workers), skipping those already there."""
+    def upload_files(self, files: dict, intact=None) -> int:
+        """Upload files by digest (sources for remote workers), skipping those the remote already
+        holds at the same size, unless it served them corrupt. Each file is re-hashed first
+        (`intact(digest)`): one that no longer matches its digest raises CorruptBlob, never sent."""
+        intact = intact or (lambda digest: _matches(files[digest], digest))
+
         def one(digest: str) -> None:
             target = self._path("cas", digest[:2], digest)
-            if self._guard("stat", lambda: self.fs.exists(target)):
+            if digest not in self.damaged and self._remote_size(target) == _size(files[digest]):
+                return
+            if not intact(digest):
+                corrupt.append(digest)
                 return
             tmp = f"{target}.tmp-{os.getpid()}"
             self._guard("upload", lambda: self.fs.makedirs(posixpath.dirname(target), exist_ok=True))
             self._guard("upload", lambda: self.fs.put_file(str(files[digest]), tmp))
-            self._guard("upload", lambda: self.fs.mv(tmp, target))
+            self._guard("upload", lambda: self.fs.mv(tmp, target))  # replaces a damaged blob
+            self.damaged.discard(digest)
             sent.append(digest)
 
         sent: list[str] = []
+        corrupt: list[str] = []
         _parallel(one, sorted(files))
+        if corrupt:
+            raise CorruptBlob(corrupt[0])
         return len(sent)
 
+    def _remote_size(self, path: str) -> int | None:
+        """The size of a remote file, None if there is none."""
+        try:
+            info = self._guard("stat", lambda: self.fs.info(path), missing_ok=True)
+        except FileNotFoundError:
+            return None
+        return info.get("size") if info.get("type") == "file" else None
+
     def publish(self, store: Store, key: str, entry: dict) -> int:
-        """Blobs first, then the action entry: a reader never sees an entry whose blobs are missing."""
+        """Blobs first, then the action entry: a reader never sees an entry whose blobs are missing
+        (and with a CorruptBlob, the entry is not published at all)."""
         if self.read_only:
             return 0
         sent = self.push(store, action_blobs(entry))
@@ -157,35 +196,18 @@ def action_blobs(entry: dict) -> list[str]:
     return blobs
 
 
-def check_manifest(entry: dict) -> None:
-    """Refuse manifests that would write outside the target's folder."""
-    from tunemake.hashing import tree_digest
-
-    outputs = entry["outputs"]
-    if not isinstance(outputs, dict):
-        raise ValueError("outputs is not a table")
-    for rel, e in outputs.items():
-        parts = rel.split("/")
-        if (rel.startswith(("/", "~")) or "\\" in rel or any(p in ("", ".", "..") for p in parts)
-                or any(ord(c) < 32 for c in rel)):
-            raise ValueError(f"unsafe output path {rel!r}")
-        if not _is_digest(e["digest"]):
-            raise ValueError(f"bad digest for {rel!r}")
-        if not isinstance(e["size"], int) or e["size"] < 0:
-            raise ValueError(f"bad size for {rel!r}")
-    names = set(outputs)
-    for rel in outputs:  # a file cannot also be a folder of other outputs
-        parts = rel.split("/")
-        if any("/".join(parts[:i]) in names for i in range(1, len(parts))):
-            raise ValueError(f"output {rel!r} lies inside another output file")
-    if entry.get("log") is not None and not _is_digest(entry["log"]):
-        raise ValueError("bad log digest")
-    if entry.get("tree") != tree_digest(outputs):
-        raise ValueError("tree digest does not match the outputs")
+def _size(path) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1  # gone: the re-hash will say so
 
 
-def _is_digest(value) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+def _matches(path, digest: str) -> bool:
+    try:
+        return hash_file(path) == digest
+    except OSError:
+        return False
 
 
 def _parallel(fn, items: list[str]) -> None:

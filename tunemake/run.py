@@ -44,6 +44,7 @@ def _lifeline_fd() -> int:
 
 
 PACKAGE_ROOT = str(Path(tunemake.__file__).resolve().parent.parent)
+ERROR_FILE = "error"  # in the step's folder: a Python step's one-line reason for failing
 
 
 @dataclass
@@ -62,6 +63,8 @@ class RunningStep:
     check: Callable[[], None] | None = None  # run after exit 0; a ValueError fails the step
     _code: int | None = None
     pidfd: int | None = None  # readable once the step exits (Linux pidfd); None where unsupported
+    real_out: str = ""  # the output folder's resolved path at the start: outputs are taken only from there
+    views: dict = field(default_factory=dict)  # dependency -> (its private folder, what was linked there)
 
     def poll(self) -> int | None:
         if self._code is None and self.proc.poll() is not None:
@@ -131,23 +134,44 @@ class RunningStep:
             os.close(self.pidfd)
             self.pidfd = None
 
-    def finish(self, engine, key: str, parts: dict) -> dict:
-        return engine.finish(self, key, parts)
+    def collect(self, store) -> dict:
+        """After a successful exit: hash the outputs and move them into the store; the manifest."""
+        from tunemake.store import output_manifest
+
+        manifest, files = output_manifest(self.out, self.real_out)
+        for full, rel in files:
+            store.ingest(full, manifest[rel]["digest"], manifest[rel]["x"])
+        return manifest
+
+    def error_line(self) -> str:
+        """The one-line reason a Python step gave for failing (its traceback is in the log)."""
+        try:
+            return (self.tmp / ERROR_FILE).read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:
+            return ""
 
 
 class LocalExecutor:
-    """Runs steps as child processes of this tunemake, GPU slots from the visible devices."""
+    """Runs steps as child processes of this tunemake, GPU slots from the visible devices.
+    Each step reads its dependencies from private links to their blobs (tunemake.executor)."""
+
+    def __init__(self, project_dir: Path, store):
+        self.project_dir = project_dir
+        self.store = store
 
     def gpu_slots(self) -> list[str] | None:
         from tunemake.keys import visible_gpus
 
         return visible_gpus()
 
-    def start(self, engine, name: str, tmp: Path, gpus: list[str]) -> RunningStep:
-        project = engine.project
-        target = project.targets[name]
-        deps = {d: str(project.output_dir(d)) for d in target.target_deps}
-        return start(name, target.module, target.child_params, project.dir, deps, tmp, gpus)
+    def start(self, spec, tmp: Path, gpus: list[str]) -> RunningStep:
+        from tunemake.executor import link_inputs, resolve_params
+
+        dep_dirs, placed = link_inputs(self.store, spec.deps, tmp / "in")
+        params = resolve_params(spec, self.project_dir, dep_dirs)
+        step = start(spec.target, spec.module, params, self.project_dir, dep_dirs, tmp, gpus)
+        step.views = {name: (dep_dirs[name], placed[name]) for name in placed}
+        return step
 
 
 def _parse_progress(line: str) -> dict:
@@ -165,7 +189,7 @@ def _parse_progress(line: str) -> dict:
     return {"done": None, "total": None, "message": line}
 
 
-def start(target: str, module: str, params: dict, project_dir: Path, deps: dict[str, str],
+def start(target: str, module: str, params: dict, project_dir: Path, deps: dict[str, Path],
           tmp: Path, gpus: list[str]) -> RunningStep:
     out = tmp / "out"
     out.mkdir()
@@ -203,8 +227,9 @@ def start(target: str, module: str, params: dict, project_dir: Path, deps: dict[
             "params": params,
             "project_dir": str(project_dir),
             "out": str(out),
-            "deps": deps,
+            "deps": {k: str(v) for k, v in deps.items()},
             "progress_file": str(progress_file),
+            "error_file": str(tmp / ERROR_FILE),
             "parent_pid": os.getpid(),
             "gpus": gpus,
         }
@@ -220,7 +245,8 @@ def start(target: str, module: str, params: dict, project_dir: Path, deps: dict[
         pidfd = os.pidfd_open(proc.pid)  # not reaped yet: nobody has waited for it
     except (AttributeError, OSError):  # not Linux >= 5.3
         pidfd = None
-    return RunningStep(target, proc, tmp, out, log, progress_file, gpus, direct=direct, check=check, pidfd=pidfd)
+    return RunningStep(target, proc, tmp, out, log, progress_file, gpus, direct=direct, check=check, pidfd=pidfd,
+                       real_out=os.path.realpath(out))
 
 
 def log_tail(path: Path, lines: int = 15) -> str:

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,9 +79,34 @@ def main(argv: list[str]) -> int:
     )
     started = time.time()
     print(f"[tunemake] {spec['target']}: {spec['module']} started", flush=True)
-    module.run(params, ctx)
+    try:
+        module.run(params, ctx)
+    except Exception as exc:  # noqa: BLE001 - any failure of the step: traceback to the log, one line to the console
+        traceback.print_exc()
+        _write_error(spec.get("error_file"), one_line(exc))
+        return 1
     print(f"[tunemake] {spec['target']}: done in {time.time() - started:.2f}s", flush=True)
     return 0
+
+
+def one_line(exc: BaseException) -> str:
+    """What the console shows of a step's exception: its message on one line (the type only when
+    it says something the message does not: a user error raised as ValueError reads plainly)."""
+    text = " ".join(str(exc).split()) if str(exc).strip() else ""
+    if isinstance(exc, KeyError) and text.startswith("'"):
+        text = text.strip("'")
+    if type(exc) in (ValueError, RuntimeError, SystemExit) and text:
+        return text[:500]
+    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
+
+
+def _write_error(path: str | None, text: str) -> None:
+    if not path:
+        return
+    try:
+        Path(path).write_text(text + "\n", encoding="utf-8")
+    except OSError:
+        pass  # the log still has the traceback
 
 
 if __name__ == "__main__":

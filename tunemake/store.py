@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import shutil
 import stat
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
+from tunemake.fsutil import FileLock, is_real_dir, read_json, rmtree, swap_dir, write_json_atomic  # noqa: F401
 from tunemake.hashing import hash_file
+from tunemake.records import check_action, check_failure, check_state, is_digest
 
 FICLONE = 0x40049409  # linux/fs.h: clone a file's extents (btrfs, xfs, ...)
 SMALL_FILE = 1 << 20  # below this, `auto` copies: small outputs are the ones people open and edit
@@ -102,7 +102,7 @@ class Store:
         write_json_atomic(self.failure_path(target), record)
 
     def get_failure(self, target: str) -> dict | None:
-        return read_json(self.failure_path(target))
+        return _checked(check_failure, read_json(self.failure_path(target)))
 
     def clear_failure(self, target: str) -> None:
         self.failure_path(target).unlink(missing_ok=True)
@@ -114,7 +114,7 @@ class Store:
 
     # -- blobs --------------------------------------------------------------
     def has_blob(self, digest: str) -> bool:
-        return self.blob_path(digest).exists()
+        return self.blob_path(digest).is_file()  # a folder where a blob should be is no blob
 
     def ingest(self, src: Path, digest: str, executable: bool) -> None:
         """Move a finished output file into the store (a rename: same filesystem, atomic).
@@ -123,13 +123,16 @@ class Store:
         been damaged through a hardlink, and the fresh bytes are known to match the digest.
         """
         dst = self.blob_path(digest)
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        _clear_blob_slot(dst)
         st = os.lstat(src)
         if stat.S_ISLNK(st.st_mode) or st.st_nlink > 1 or not stat.S_ISREG(st.st_mode):
             # a link (to a source, a dependency's output, anything): store a private copy,
             # never the shared inode, or later edits of the original would reach the cache
             tmp = dst.with_name(f"{dst.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:6]}")
             shutil.copyfile(src, tmp)
+            if hash_file(tmp) != digest:  # the linked file changed after it was hashed
+                tmp.unlink()
+                raise RuntimeError(f"{src.name} changed while its output was being stored")
             src.unlink()
             src = tmp
         os.chmod(src, 0o555 if executable else 0o444)
@@ -143,6 +146,22 @@ class Store:
             os.chmod(tmp, 0o555 if executable else 0o444)
             os.replace(tmp, dst)
             src.unlink()
+
+    def adopt(self, path: Path, digest: str, executable: bool) -> bool:
+        """Copy a file back into the store as the blob `digest`, if its content still is that."""
+        dst = self.blob_path(digest)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f"{dst.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        try:
+            shutil.copyfile(path, tmp)
+        except OSError:
+            return False
+        if hash_file(tmp) != digest:
+            tmp.unlink()
+            return False
+        os.chmod(tmp, 0o555 if executable else 0o444)
+        os.replace(tmp, dst)
+        return True
 
     def put_bytes(self, data: bytes) -> str:
         from tunemake.hashing import digest_bytes
@@ -170,16 +189,16 @@ class Store:
         if not cas.is_dir():
             return
         for sub in sorted(cas.iterdir()):
+            if not sub.is_dir():  # a stray file where a shard folder should be
+                continue
             for blob in sub.iterdir():
-                if len(blob.name) == 64:
+                if is_digest(blob.name) and blob.name.startswith(sub.name) and blob.is_file():
                     yield blob.name, blob
 
     # -- action cache -------------------------------------------------------
     def get_action(self, key: str) -> dict | None:
-        entry = read_json(self.action_path(key))  # a torn or unreadable entry is a miss, never a crash
-        if entry is None or not isinstance(entry.get("outputs"), dict) or "tree" not in entry:
-            return None
-        return entry
+        # a torn, unreadable or misshapen entry is a miss, never a crash
+        return _checked(check_action, read_json(self.action_path(key)))
 
     def put_action(self, key: str, entry: dict) -> None:
         write_json_atomic(self.action_path(key), entry)
@@ -192,19 +211,19 @@ class Store:
         if not ac.is_dir():
             return
         for path in ac.glob("*/*.json"):
-            entry = read_json(path)
-            if entry is not None and isinstance(entry.get("outputs"), dict):
-                yield path.stem, entry, path
+            key = path.stem
+            if not (is_digest(key) and path.parent.name == key[:2]):
+                continue  # not where get_action or drop_action would look for it
+            entry = _checked(check_action, read_json(path))
+            if entry is not None:
+                yield key, entry, path
 
     def action_complete(self, entry: dict) -> bool:
         return all(self.has_blob(e["digest"]) for e in entry["outputs"].values())
 
     # -- per-target state ---------------------------------------------------
     def get_state(self, target: str) -> dict | None:
-        state = read_json(self.state_path(target))
-        if state is None or not all(k in state for k in ("key", "tree", "outputs", "materialized")):
-            return None
-        return state
+        return _checked(check_state, read_json(self.state_path(target)))
 
     def put_state(self, target: str, state: dict) -> None:
         write_json_atomic(self.state_path(target), state)
@@ -222,10 +241,32 @@ class Store:
                 how = self._place(self.blob_path(entry["digest"]), target, entry["size"], entry.get("x", False))
                 st = os.stat(target)
                 record[rel] = [st.st_ino, st.st_size, st.st_mtime_ns, how]
-            swap_dir(staging, dest)
+            swap_dir(staging, dest, owner_token())
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        return record
+
+    def link_view(self, manifest: dict[str, dict], dest: Path) -> dict[str, list]:
+        """A step's private copy of a dependency's outputs: blobs reflinked or hardlinked (copied
+        only when neither works, or the executable bit differs), never shared with targets/."""
+        record: dict[str, list] = {}
+        for rel, entry in manifest.items():
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            blob = self.blob_path(entry["digest"])
+            x = bool(entry.get("x", False))
+            if not (self._reflink_ok is not False and self._reflink(blob, target)):
+                try:
+                    if bool(os.stat(blob).st_mode & stat.S_IXUSR) != x:
+                        raise OSError("mode differs")
+                    os.link(blob, target)
+                except OSError:
+                    shutil.copyfile(blob, target)
+            os.chmod(target, 0o555 if x else 0o444)
+            st = os.stat(target)
+            record[rel] = [st.st_ino, st.st_size, st.st_mtime_ns]
+        dest.mkdir(parents=True, exist_ok=True)  # an output with no files
         return record
 
     @staticmethod
@@ -277,15 +318,24 @@ class Store:
     # -- locks --------------------------------------------------------------
     def lock_path(self, name: str) -> Path:
         path = self.root / "locks" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # a read-only cache: FileLock copes (see there)
         return path
 
 
-def output_manifest(out: Path) -> tuple[dict[str, dict], list[tuple[Path, str]]]:
+def output_manifest(out: Path, real_root: str | None = None) -> tuple[dict[str, dict], list[tuple[Path, str]]]:
     """A finished step's files: {rel: {digest, size, x}} and (path, rel) pairs to ingest.
 
-    Outputs are files. A symlink to a folder is refused rather than followed: following it
-    would move someone else's files (a source, a dependency's output) into the store."""
+    Outputs are files. Nothing is followed out of the step's private folder: the output folder
+    itself must still be the real folder the step was given (`real_root`, its resolved path at
+    the start), not a symlink a step put in its place, and a symlink to a folder inside it is
+    refused. Following either would move someone else's files (a source, a dependency's
+    output, any folder) into the store."""
+    if not is_real_dir(out) or (real_root is not None and os.path.realpath(out) != real_root):
+        what = "replaced by a symlink" if os.path.islink(out) else "removed or moved"
+        raise RuntimeError(f"the step's output folder ($TUNEMAKE_OUT) was {what}; write files into it instead")
     manifest: dict[str, dict] = {}
     files = []
     for dirpath, dirnames, filenames in os.walk(out):
@@ -297,7 +347,10 @@ def output_manifest(out: Path) -> tuple[dict[str, dict], list[tuple[Path, str]]]
         for fn in sorted(filenames):
             full = Path(dirpath) / fn
             rel = full.relative_to(out).as_posix()
-            st = os.stat(full)
+            try:
+                st = os.stat(full)
+            except OSError as exc:
+                raise RuntimeError(f"output {rel}: {exc.strerror or exc}") from None
             if not stat.S_ISREG(st.st_mode):
                 raise RuntimeError(f"output {rel} is not a regular file")
             manifest[rel] = {"digest": hash_file(full), "size": st.st_size, "x": bool(st.st_mode & 0o100)}
@@ -305,94 +358,20 @@ def output_manifest(out: Path) -> tuple[dict[str, dict], list[tuple[Path, str]]]
     return manifest, files
 
 
-def read_json(path: Path) -> dict | None:
-    """A JSON object from disk, or None if it is missing, torn or not an object."""
+def _checked(check, record: dict | None) -> dict | None:
+    """The record if it has the shape `check` wants, else None: a damaged record is a miss."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        check(record)
+    except ValueError:
         return None
-    return data if isinstance(data, dict) else None
+    return record
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def swap_dir(new: Path, dest: Path) -> None:
-    """Put `new` at `dest`, replacing whatever was there, never leaving `dest` half-written."""
-    if dest.is_symlink() or dest.is_file():
-        dest.unlink()
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{owner_token()}-{uuid.uuid4().hex[:6]}"
-        os.rename(dest, old)
-        os.rename(new, dest)
-        rmtree(old)
-    else:
-        os.rename(new, dest)
-
-
-def rmtree(path: Path) -> None:
-    """Remove a tree even if it holds read-only files or folders."""
-    def onerror(func, p, _exc):
-        try:
-            os.chmod(os.path.dirname(p), 0o755)
-            os.chmod(p, stat.S_IWUSR | stat.S_IRUSR | stat.S_IXUSR)
-            func(p)
-        except OSError:
-            pass
-
-    shutil.rmtree(path, onerror=onerror)
-
-
-class FileLock:
-    """An flock on a file: released automatically if the process dies (even kill -9)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fd: int | None = None
-
-    def try_acquire(self, shared: bool = False) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._fd = fd
-        if not shared:
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
-        return True
-
-    def acquire(self, shared: bool = False) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        self._fd = fd
-
-    def holder(self) -> str:
-        try:
-            return self.path.read_text().strip() or "?"
-        except OSError:
-            return "?"
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-
-@contextmanager
-def locked(path: Path, shared: bool = False):
-    lock = FileLock(path)
-    lock.acquire(shared)
-    try:
-        yield lock
-    finally:
-        lock.release()
+def _clear_blob_slot(dst: Path) -> None:
+    """Make room for a blob: a file where its shard folder should be, or a folder where the
+    blob should be (a damaged cache), is removed rather than failing every build."""
+    if os.path.lexists(dst.parent) and not is_real_dir(dst.parent):
+        os.unlink(dst.parent)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if is_real_dir(dst):
+        rmtree(dst)

@@ -26,9 +26,11 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 TUNEFILE = "tunefile.toml"
 PARSE_CACHE = ".tunecache/tunefile.parsed.json"
-PARSE_FORMAT = 3
+PARSE_FORMAT = 4
 MAX_NAME = 120  # target names become folder names
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
+MAX_DEPTH = 64  # nesting of TOML values: deeper ones would overflow the recursive code that walks them
+TOO_DEEP = f"nested too deeply (more than {MAX_DEPTH} levels)"
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")  # use with fullmatch: `$` would let a final newline pass
 INTERP_RE = re.compile(r"\$\{(vars|matrix)\.([A-Za-z0-9_\-]+)\}")
 
 
@@ -60,7 +62,9 @@ class Target:
     target_deps: list[str] = field(default_factory=list)  # in declaration order, unique
     sources: list[str] = field(default_factory=list)  # paths relative to the project dir
     key_params: dict = field(default_factory=dict)  # canonical params: inputs as "target:X" / "path:Y"
-    child_params: dict = field(default_factory=dict)  # params as `run` gets them: inputs as absolute paths
+    # per input field, each value as the step will get it: "target:NAME[/inside]", "path:REL" or
+    # "value:V"; resolved to absolute paths only when the step starts (tunemake.executor)
+    input_refs: dict = field(default_factory=dict)
     packages: list[str] = field(default_factory=list)  # versions of these go into the key
     device_sensitive: bool = False
     code_files: list[str] = field(default_factory=list)  # their content goes into the key
@@ -118,7 +122,8 @@ def load(path: Path, overrides: list[str] = ()) -> Project:
     neither pydantic nor the kind modules (their import dominates start-up)."""
     text = _read(path)
     cache_file = path.parent / PARSE_CACHE
-    signature = digest_json([PARSE_FORMAT, sys.prefix, path.name, text, list(overrides)])
+    # the folder is part of it: a copied project must not reuse the parse (or stats) of the original
+    signature = digest_json([PARSE_FORMAT, sys.prefix, str(path), text, list(overrides)])
     project = _cached_parse(cache_file, signature, path)
     if project is None:
         project = _parse(path, text, list(overrides))
@@ -130,7 +135,7 @@ def _watched_files(project: Project) -> list[str]:
     """Files whose change may change the parse: the parser, the kinds' code, source paths."""
     files = {__file__, kinds.__file__}
     for target in project.targets.values():
-        files.update(target.code_files)
+        files.update(str(project.dir / f) for f in target.code_files)
         files.update(str(project.dir / s) for s in target.sources)
     return sorted(files)
 
@@ -184,7 +189,12 @@ def _parse(path: Path, text: str, overrides: list[str]) -> Project:
         line = getattr(exc, "lineno", None) or _line_from_message(str(exc))
         msg = str(exc).split(" (at line")[0]
         raise located(fname, line, None, None, f"TOML syntax error: {msg}") from None
+    except RecursionError:  # tomllib recurses per level of nesting
+        raise located(fname, None, None, None, TOO_DEEP) from None
     locate = _Locator(text)
+    deep = _too_deep(data)  # before anything recursive walks the data
+    if deep is not None:
+        raise _nesting_error(fname, locate, deep)
 
     unknown = set(data) - {"default", "vars", "target", "cache"}
     if unknown:
@@ -197,16 +207,25 @@ def _parse(path: Path, text: str, overrides: list[str]) -> Project:
         raise located(fname, locate.top("vars"), None, "vars", "must be a table of values")
     variables = dict(data.get("vars", {}))
     for name, value in sets.pop("vars", {}).items():
+        if name not in variables:  # silently adding it would leave a misspelled override without effect
+            hint = _did_you_mean(name, list(variables)) or f" (defined vars: {', '.join(sorted(variables)) or 'none'})"
+            raise UserError(f"--set vars.{name}: no var '{name}' in {fname}{hint}")
         variables[name] = value
     variables = _resolve_vars(fname, locate, variables)
 
     from pydantic import ValidationError
 
+    if not isinstance(data.get("cache", {}), dict):
+        raise located(fname, locate.top("cache"), None, "cache", "must be a table")
+    cache_model = _cache_config_model()
     try:
-        cache = _cache_config_model().model_validate(data.get("cache", {}))
+        cache = cache_model.model_validate(data.get("cache", {}))
     except ValidationError as exc:
-        fld, msg = _first_error(exc)
+        fld, msg = _first_error(exc, cache_model, other_fields=())
         raise located(fname, locate.key("cache", fld), None, f"cache.{fld}", msg) from None
+    problem = _cache_dir_problem(path.parent, cache.dir)
+    if problem:
+        raise located(fname, locate.key("cache", "dir") or locate.top("cache"), None, "cache.dir", problem)
 
     tables = data.get("target", {})
     if not isinstance(tables, dict) or not tables:
@@ -218,8 +237,8 @@ def _parse(path: Path, text: str, overrides: list[str]) -> Project:
     for name, table in tables.items():
         if not isinstance(table, dict):
             raise located(fname, locate.top(f"target.{name}"), name, None, "must be a table")
-        if not NAME_RE.match(name) or len(name) > MAX_NAME:
-            raise located(fname, locate.table(name), name, None,
+        if not NAME_RE.fullmatch(name) or len(name) > MAX_NAME:
+            raise located(fname, locate.table(name), repr(name)[1:-1], None,  # escaped: the error is one line
                           f"target names may use letters, digits, '_' and '-' only, at most {MAX_NAME} characters")
         for member, member_table in _expand_matrix(fname, locate, name, table):
             if member in raw:
@@ -280,7 +299,13 @@ def _parse_overrides(fname: str, overrides: list[str]) -> dict[str, dict[str, An
         name, dot, param = lhs.strip().partition(".")
         if not eq or not dot or not name or not param:
             raise UserError(f"--set {item!r}: expected NAME.param=value (e.g. --set int4.groupsize=128)")
-        out.setdefault(name, {})[param] = _parse_value(value.strip())
+        try:
+            parsed = _parse_value(value.strip())
+        except RecursionError:  # tomllib recurses per level of nesting
+            raise UserError(f"--set {name}.{param}: {TOO_DEEP}") from None
+        if _too_deep(parsed) is not None:
+            raise UserError(f"--set {name}.{param}: {TOO_DEEP}")
+        out.setdefault(name, {})[param] = parsed
     return out
 
 
@@ -304,7 +329,7 @@ def _expand_matrix(fname: str, locate: "_Locator", name: str, table: dict):
     axes = list(matrix)
     for combo in itertools.product(*(matrix[a] for a in axes)):
         member = name + "@" + "-".join(str(v) for v in combo)
-        if not NAME_RE.match(member.replace("@", "_")) or len(member) > MAX_NAME:
+        if not NAME_RE.fullmatch(member.replace("@", "_")) or len(member) > MAX_NAME:
             raise located(fname, locate.key(f"target.{name}", "matrix"), name, "matrix",
                           f"value {combo!r} does not make a valid target name")
         values = dict(zip(axes, combo))
@@ -410,7 +435,7 @@ def _resolve(fname, locate, project_dir: Path, name: str, kind, model, targets, 
                     packages=list(kind.packages_for(model)), device_sensitive=kind.device_sensitive,
                     gpus=int(kind.resources(model).get("gpus", 0) or 0))
     key_params = model.model_dump(mode="json")
-    child_params = dict(key_params)
+    input_refs: dict[str, list[str]] = {}
     # What validate() sees: matrix families expanded to their members, paths inside
     # other targets' outputs left out (they exist only once those targets are built).
     view: dict[str, list] = {}
@@ -420,7 +445,7 @@ def _resolve(fname, locate, project_dir: Path, name: str, kind, model, targets, 
             continue
         required = fld in kind.inputs
         values = value if isinstance(value, list) else [value]
-        key_vals, child_vals, view_vals = [], [], []
+        key_vals, ref_vals, view_vals = [], [], []
         for item in values:
             if not isinstance(item, str):
                 raise located(fname, locate.key(f"target.{family}", fld), target.name, fld,
@@ -434,7 +459,7 @@ def _resolve(fname, locate, project_dir: Path, name: str, kind, model, targets, 
                     if dep not in target.target_deps:
                         target.target_deps.append(dep)
                     key_vals.append(f"target:{dep}")
-                    child_vals.append(str(project_dir / "targets" / dep))
+                    ref_vals.append(f"target:{dep}")
                     view_vals.append(dep)
                 continue
             owner, slash, inside = item.partition("/")
@@ -446,12 +471,12 @@ def _resolve(fname, locate, project_dir: Path, name: str, kind, model, targets, 
                 if owner not in target.target_deps:
                     target.target_deps.append(owner)
                 key_vals.append(f"target:{item}")
-                child_vals.append(str(project_dir / "targets" / owner / inside))
+                ref_vals.append(f"target:{owner}/{os.path.normpath(inside)}")
                 continue
-            first = (Path(os.path.normpath(item)).parts or ("",))[0] if not Path(item).is_absolute() else ""
-            if first in ("targets", cache_dir.strip("/").split("/")[0]):
+            managed = _managed_folder(project_dir, item, cache_dir)
+            if managed:
                 raise located(fname, locate.key(f"target.{family}", fld), target.name, fld,
-                              f"'{item}' is inside {first}/, which tunemake manages: name the target instead")
+                              f"'{item}' is inside {managed}/, which tunemake manages: name the target instead")
             source = _source_path(project_dir, item)
             problem = source is not None and _check_source(project_dir, source)
             if problem:
@@ -460,7 +485,7 @@ def _resolve(fname, locate, project_dir: Path, name: str, kind, model, targets, 
                 if source not in target.sources:
                     target.sources.append(source)
                 key_vals.append(f"path:{source}")
-                child_vals.append(str(project_dir / source))
+                ref_vals.append(f"path:{source}")
                 view_vals.append(item)
             elif required:
                 hint = _did_you_mean(item, list(targets) + list(groups))
@@ -468,16 +493,18 @@ def _resolve(fname, locate, project_dir: Path, name: str, kind, model, targets, 
                               f"'{item}' is neither a target nor an existing path{hint}")
             else:
                 key_vals.append(item)
-                child_vals.append(item)
+                ref_vals.append(f"value:{item}")
                 view_vals.append(item)
+        input_refs[fld] = ref_vals
         if isinstance(value, list):
-            key_params[fld], child_params[fld] = key_vals, child_vals
+            key_params[fld] = key_vals
             view[fld] = view_vals
         else:
-            key_params[fld], child_params[fld] = key_vals[0], child_vals[0]
+            key_params[fld] = key_vals[0]
     target.key_params = key_params
-    target.child_params = child_params
-    target.code_files = kind.source_files() + (kind.code_files(model, project_dir) if kind.code_files else [])
+    target.input_refs = input_refs
+    user_code = kind.code_files(model, project_dir) if kind.code_files else []
+    target.code_files = kind.source_files() + [_project_relative(project_dir, f) for f in user_code]
 
     if kind.validate is not None:
         try:
@@ -504,6 +531,14 @@ def _source_path(project_dir: Path, item: str) -> str | None:
         return str(full)
 
 
+def _project_relative(project_dir: Path, path: str) -> str:
+    """A path inside the project as relative to it (so a copied or moved project is self-contained)."""
+    try:
+        return Path(path).relative_to(project_dir).as_posix()
+    except ValueError:
+        return path
+
+
 def _check_source(project_dir: Path, source: str) -> str | None:
     """Why a source path cannot be tracked, or None."""
     full = project_dir / source
@@ -514,12 +549,22 @@ def _check_source(project_dir: Path, source: str) -> str | None:
     return None
 
 
-def _first_error(exc, model: type | None = None) -> tuple[str, str]:
-    err = exc.errors()[0]
+def _first_error(exc, model: type | None = None, other_fields: tuple[str, ...] = ("kind",)) -> tuple[str, str]:
+    """The error to report. An unknown field comes first: a misspelled required field is also
+    reported missing, and the misspelling is the cause. `other_fields` are valid fields the model
+    does not hold (a target's `kind`)."""
+    import difflib
+
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     fld = ".".join(str(p) for p in err["loc"]) or "?"
     if err["type"] == "extra_forbidden":
-        valid = ", ".join(["kind", *model.model_fields]) if model is not None else ""
-        return fld, f"unknown field (valid fields: {valid})" if valid else "unknown field"
+        if model is None or len(err["loc"]) != 1:
+            return fld, "unknown field"
+        valid = [*other_fields, *model.model_fields]
+        close = difflib.get_close_matches(fld, valid, n=1)
+        hint = f"did you mean '{close[0]}'?; " if close else ""
+        return fld, f"unknown field ({hint}valid fields: {', '.join(valid)})"
     if err["type"] == "missing":
         return fld, "required field is missing"
     msg = err["msg"].removeprefix("Value error, ")
@@ -576,3 +621,59 @@ class _Locator:
                 if re.match(rf"\s*{re.escape(key)}\s*=", line):
                     return i + 1
         return start
+
+
+def _too_deep(value) -> list | None:
+    """The keys and indexes leading to the first table or list nested more than MAX_DEPTH levels
+    (counting `value` itself), or None. A loop, not recursion: deep data is what it guards against."""
+    stack = [(value, [], 1)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.items()
+        elif isinstance(item, list):
+            children = enumerate(item)
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            return path
+        stack.extend((child, path + [key], depth + 1) for key, child in children)
+    return None
+
+
+def _nesting_error(fname: str, locate: "_Locator", path: list) -> UserError:
+    """The error for data too deep at `path`, located at its target and field, or its table and key."""
+    top, second, third = (path + [None, None])[:3]
+    if top == "target" and isinstance(second, str) and isinstance(third, str):
+        return located(fname, locate.key(f"target.{second}", third), repr(second)[1:-1], third, TOO_DEEP)
+    if isinstance(second, str):
+        return located(fname, locate.key(top, second) or locate.top(top), None, f"{top}.{second}", TOO_DEEP)
+    return located(fname, locate.top(top), None, top, TOO_DEEP)
+
+
+def _cache_dir_problem(project_dir: Path, cache_dir: str) -> str | None:
+    """Why `[cache] dir` would endanger the project, or None: gc empties the cache's tmp/ and
+    a build writes cas/, ac/, logs/ ... into it, so it must be a folder of its own."""
+    try:
+        project = project_dir.resolve()
+        folder = (project / cache_dir).resolve()  # an absolute dir replaces the project's
+        targets = (project / "targets").resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
+        return f"'{cache_dir}' cannot be resolved: {exc}"
+    if folder == project or folder in project.parents:
+        return f"'{cache_dir}' is the project folder or one above it; use a folder of its own, e.g. .tunecache"
+    if folder == targets or targets in folder.parents:
+        return f"'{cache_dir}' is inside targets/, where tunemake writes outputs; use a folder of its own"
+    if folder.exists() and not folder.is_dir():
+        return f"'{cache_dir}' exists and is not a folder"
+    return None
+
+
+def _managed_folder(project_dir: Path, item: str, cache_dir: str) -> str | None:
+    """'targets' or the cache dir (as written) if the path `item` is it or lies inside it."""
+    full = Path(os.path.normpath(project_dir / item))
+    for folder in ("targets", cache_dir):
+        root = Path(os.path.normpath(project_dir / folder))
+        if full == root or root in full.parents:
+            return folder.rstrip("/")
+    return None

@@ -48,7 +48,7 @@ def test_constant_model_scores_exactly_the_share_of_yes_answers(project, tmp_pat
     assert results["results"]["toygen"]["exact_match,first_word"] == 0.625
     # the recorded configs show what the user wrote, not the staged copies
     config = results["configs"]["toyfacts"]
-    assert config["metadata"]["config_source"] == str(project / "tasks" / "toyfacts.yaml")
+    assert config["metadata"]["config_source"] == "tasks/toyfacts.yaml"  # as the tunefile names it
     assert config["dataset_kwargs"] == {"data_files": {"test": "data/toyfacts.jsonl"}}
     assert "date" not in results and "total_evaluation_time_seconds" not in results
 

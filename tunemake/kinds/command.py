@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,16 @@ class Params(BaseModel):
     def _not_empty(cls, value):
         if not value or (isinstance(value, str) and not value.strip()):
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _shell_names(cls, value):
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):  # other names do not survive /bin/sh
+                raise ValueError(f"{name!r} is not a shell identifier (letters, digits and '_', not a digit first)")
+            if name.startswith("TUNEMAKE_"):
+                raise ValueError(f"{name!r}: TUNEMAKE_* variables are set by tunemake itself")
         return value
 
     @field_validator("outs")
@@ -77,19 +88,24 @@ def command_line(params: dict, ctx) -> tuple[list[str], dict[str, str]]:
             raise ValueError(f"deps: two dependency targets would share ${variable}; rename one")
         env[variable] = str(path)
 
-    def substitute(text: str) -> str:
+    def substitute(text: str, quote) -> str:
         def repl(m: re.Match) -> str:
             ref = m.group(1)
             if ref == "out":
-                return str(ctx.out)
+                return quote(str(ctx.out))
             dep = ref[len("deps."):]
             if dep not in ctx.deps:
                 raise ValueError(f"cmd refers to {{{ref}}} but '{dep}' is not a dependency target")
-            return str(ctx.deps[dep])
+            return quote(str(ctx.deps[dep]))
         return SUBST_RE.sub(repl, text)
 
     cmd = params["cmd"]
-    argv = ["/bin/sh", "-c", substitute(cmd)] if isinstance(cmd, str) else [substitute(a) for a in cmd]
+    # In a shell string every substituted path is quoted (a folder named `my proj` or `$(x)` is
+    # one word, never code); in an argv list each element already is one argument.
+    if isinstance(cmd, str):
+        argv = ["/bin/sh", "-c", substitute(cmd, shlex.quote)]
+    else:
+        argv = [substitute(a, str) for a in cmd]
     return argv, env
 
 

@@ -25,10 +25,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tunemake.kinds.model_inputs import check_device, check_model_folder, dependency_name
+
 INPUTS = ("model",)
 OPTIONAL_INPUTS = ("tasks",)
 PACKAGES = ("python", "torch", "torchao", "lm_eval")
-CODE = ("tunemake.models", "tunemake.lmeval_adapter")
+CODE = ("tunemake.models", "tunemake.lmeval_adapter", "tunemake.kinds.model_inputs")
 DEVICE_SENSITIVE = True
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -89,15 +91,6 @@ def code_files(params: Params, project_dir) -> list[str]:
 def looks_like_path(task: str) -> bool:
     # lm-eval task names have neither slashes nor a .yaml suffix
     return "/" in task or os.sep in task or task.endswith((".yaml", ".yml"))
-
-
-def check_model_folder(folder: Path) -> None:
-    if not folder.exists():
-        return
-    if not folder.is_dir():
-        raise ValueError(f"model: {folder} is a file; expected a checkpoint folder")
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"model: {folder} has no config.json (not a checkpoint folder)")
 
 
 def summary(out_dir) -> str:
@@ -161,7 +154,7 @@ def evaluate(params: Params, ctx, model_folder: Path, task_names, task_manager, 
     out = Path(ctx.out)
     samples = results.pop("samples", None)
     run_info = {key: results.pop(key) for key in VOLATILE_RESULT_KEYS if key in results}
-    restore_task_sources(results, sources)
+    restore_task_sources(results, sources, lambda path: dependency_name(ctx, Path(path)))
     results["config"]["model"] = model_name
     (out / "results.json").write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
     if samples:
@@ -176,30 +169,6 @@ def evaluate(params: Params, ctx, model_folder: Path, task_names, task_manager, 
     report = markdown_report(results, checkpoint, params)
     (out / "report.md").write_text(report, encoding="utf-8")
     print(report, flush=True)
-
-
-def check_device(device_name: str, dtype_name: str | None):
-    """The torch device, after checking it can run dtype (before any weight is read)."""
-    import torch
-
-    if device_name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device: cuda requested but torch sees no CUDA device")
-        if dtype_name == "bfloat16" and not torch.cuda.is_bf16_supported():
-            raise ValueError(f"dtype: bfloat16 is not supported on {torch.cuda.get_device_name()}")
-    # float16 and bfloat16 run on CPU in torch >= 2.1 (slower than float32 there, but correct)
-    return torch.device(device_name)
-
-
-def dependency_name(ctx, folder: Path) -> str:
-    """The target that built folder, else the folder relative to the project (how the tunefile named it)."""
-    for name, path in ctx.deps.items():
-        if Path(path).resolve() == folder.resolve():
-            return name
-    try:
-        return str(folder.resolve().relative_to(Path(ctx.project_dir).resolve()))
-    except ValueError:
-        return str(folder)
 
 
 def checkpoint_info(folder: Path, model_name: str) -> dict:
@@ -386,14 +355,14 @@ def absolute_data_files(data_files, base: Path, yaml_path: Path):
     return str(path)
 
 
-def restore_task_sources(results: dict, sources: dict) -> None:
-    """Puts the user's own YAML path and dataset_kwargs back into the recorded task configs."""
+def restore_task_sources(results: dict, sources: dict, shown) -> None:
+    """Puts the user's own YAML path (as `shown` names it) and dataset_kwargs back into the task configs."""
     for config in results.get("configs", {}).values():
         metadata = config.get("metadata")
         if not isinstance(metadata, dict) or metadata.get("config_source") not in sources:
             continue
         source = sources[metadata["config_source"]]
-        metadata["config_source"] = source["path"]
+        metadata["config_source"] = shown(source["path"])
         if source["dataset_kwargs"] is not None:
             config["dataset_kwargs"] = source["dataset_kwargs"]
 

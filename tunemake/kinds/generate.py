@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 INPUTS = ("model",)
 OPTIONAL_INPUTS = ("prompts_file",)
 PACKAGES = ("python", "torch", "torchao")
-CODE = ("tunemake.models",)
+CODE = ("tunemake.models", "tunemake.kinds.model_inputs")
 DEVICE_SENSITIVE = True
 
 
@@ -59,7 +59,7 @@ def resources(params: Params) -> dict:
 
 
 def validate(params: Params, project_dir) -> None:
-    from tunemake.kinds.evaluate import check_model_folder
+    from tunemake.kinds.model_inputs import check_model_folder
 
     check_model_folder(Path(project_dir) / params.model)
     if params.prompts_file is not None:
@@ -112,7 +112,7 @@ def run(params: Params, ctx) -> None:
 
     import torch
 
-    from tunemake.kinds.evaluate import check_device, check_model_folder, dependency_name
+    from tunemake.kinds.model_inputs import check_device, check_model_folder, dependency_name
     from tunemake.models import load_model, load_tokenizer
     from tunemake.models.generation import generate
 

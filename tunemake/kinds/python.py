@@ -25,8 +25,8 @@ class Params(BaseModel):
     @field_validator("function")
     @classmethod
     def _shape(cls, value: str) -> str:
-        if not FUNCTION_RE.match(value):
-            raise ValueError(f"'{value}' is not of the form package.module:function")
+        if not FUNCTION_RE.fullmatch(value):  # match() would let a final newline pass `$`
+            raise ValueError(f"{value!r} is not of the form package.module:function")
         return value
 
 
@@ -66,5 +66,5 @@ def run(params: Params, ctx) -> None:
     module_name, fn_name = params.function.split(":")
     fn = getattr(importlib.import_module(module_name), fn_name, None)
     if fn is None:
-        raise SystemExit(f"{module_name} has no function {fn_name}")
+        raise ValueError(f"function: {module_name} has no function {fn_name}")
     fn(ctx, **params.args)

@@ -1,0 +1,338 @@
+"""One build's main loop: decide targets as their dependencies finish, run the stale ones in
+slots, collect results. Single-threaded; it waits on the steps' pidfds.
+
+It sees steps only through the executor (`StepSpec` in, a step to poll out) and every cache
+question through `decide`, the same function `status` and `build -n` use.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from collections import deque
+from pathlib import Path
+
+from tunemake import keys, run
+from tunemake.decide import State, ago, decide
+from tunemake.executor import InputWatch, StepSpec, input_changes
+from tunemake.fsutil import FileLock, rmtree
+from tunemake.graph import dependents
+
+POLL_SECONDS = 0.02
+PROGRESS_SECONDS = 0.1  # live progress refresh while every step can wake us by exiting
+
+
+class Scheduler:
+    def __init__(self, engine, order: list[str], options, reporter):
+        from tunemake.build import Outcome
+
+        self.engine = engine
+        self.project = engine.project
+        self.order = order
+        self.options = options
+        self.reporter = reporter
+        self.outcome = Outcome()
+        self.trees: dict[str, str] = {}
+        self.manifests: dict[str, dict] = {}  # finished targets' outputs: what their dependents read
+        self.state: dict[str, State] = {n: State.PENDING for n in order}
+        self.ready: list[tuple[str, str, dict]] = []  # (name, key, components) needing a run
+        self.watched: dict[str, dict] = {}  # name -> its sources' files and stats, as its key saw them
+        self.running: dict[str, tuple[object, str, dict, FileLock, InputWatch]] = {}
+        self.announced_wait: set[str] = set()
+        slots = engine.executor.gpu_slots()
+        self.gpus_managed = slots is not None  # else the executor (Ray) places GPU steps itself
+        self.all_gpus = slots or []
+        self.free_gpus = list(self.all_gpus)
+        self.stop_scheduling = False
+        self._checked_writable = False
+        selected = set(order)
+        self.dependents = {n: [d for d in ds if d in selected] for n, ds in dependents(self.project).items()}
+        self.unfinished = {n: len(self.project.targets[n].target_deps) for n in order}
+        self.decidable = deque(n for n in order if self.unfinished[n] == 0)
+
+    def run(self):
+        self.engine.warn = self.reporter.message
+        self.engine.on_transfer = self.reporter.progress
+        self.reporter.start(self.order)
+        try:
+            while True:
+                self._decide_ready_targets()
+                self._start_steps()
+                finished = self._poll_steps()
+                if not self.running and not self.ready and (self.stop_scheduling or not self.decidable):
+                    break
+                if (self.running or self.ready) and not finished:  # a finished step may free a slot
+                    self.reporter.tick()
+                    self._wait()
+        except BaseException:
+            for step, _key, _parts, lock, _watch in self.running.values():
+                step.kill()
+                rmtree(step.tmp)
+                lock.release()
+            raise
+        finally:
+            self.reporter.stop()
+        for name, st in self.state.items():
+            if st == State.PENDING:
+                self._set(name, State.SKIPPED, "a dependency failed")
+        return self.outcome
+
+    def _wait(self) -> None:
+        """Until a step exits (a pidfd turns readable) or it is time to look at progress again."""
+        fds = [step.fileno() for step, *_ in self.running.values()]
+        slots_full = len(self.running) >= self.options.jobs  # then ready steps wait for an exit too
+        if fds and None not in fds and (slots_full or not self.ready):
+            poller = select.poll()  # not select(): descriptors above 1023 are fine
+            for fd in fds:
+                poller.register(fd, select.POLLIN)
+            poller.poll(PROGRESS_SECONDS * 1000)
+        else:  # steps without a pidfd (Ray, older kernels), or steps waiting for a lock
+            time.sleep(POLL_SECONDS)
+
+    def _set(self, name: str, status: State, detail: str = "") -> None:
+        self.state[name] = status
+        if status not in (State.RUNNING, State.WAITING):
+            self.outcome.status[name] = status
+        self.reporter.update(name, status, detail)
+
+    def _succeeded(self, name: str, entry_or_state: dict, status: State, detail: str = "") -> None:
+        """A target's output is known: its dependents may now be decided."""
+        self.trees[name] = entry_or_state["tree"]
+        self.manifests[name] = entry_or_state["outputs"]
+        if status != State.UP_TO_DATE:
+            try:
+                self.engine.store.clear_failure(name)
+            except OSError:
+                pass  # a read-only cache keeps a stale failure note: only `status` reads it
+        self._set(name, status, detail)
+        for dependent in self.dependents.get(name, ()):
+            if dependent in self.unfinished:
+                self.unfinished[dependent] -= 1
+                if self.unfinished[dependent] == 0:
+                    self.decidable.append(dependent)
+
+    def _decide_ready_targets(self) -> None:
+        while self.decidable and not self.stop_scheduling:
+            name = self.decidable.popleft()
+            parts = self.engine.components(name, self.trees)
+            key = keys.key_of(parts)
+            self.watched[name] = {s: self.engine.hasher.seen_files(self.engine.source_path(s))
+                                  for s in self.project.targets[name].sources}
+            if self._reuse(name, key, parts, self.options.forced(name)):
+                continue
+            if self.options.pull_only:
+                self._set(name, State.SKIPPED, "in no cache")
+                continue
+            self.state[name] = State.QUEUED
+            self.ready.append((name, key, parts))
+
+    def _reuse(self, name: str, key: str, parts: dict, forced: bool) -> bool:
+        """Up to date, or restored from a cache: True. Else the step must run (reasons recorded)."""
+        decision = decide(self.engine, name, key, parts, forced)
+        if decision.state == State.UP_TO_DATE:
+            self._succeeded(name, self.engine.store.get_state(name), State.UP_TO_DATE)
+            return True
+        if decision.state == State.CACHED:
+            self._writable(f"restoring {name}")
+            entry = decision.entry
+            if decision.remote:
+                entry = self._restorable_remote(name, key, parts, entry)
+            if entry is not None and self.engine.restore(name, key, parts, entry):
+                if decision.remote:  # into the local action cache only now that it is materialized
+                    self.engine.store.put_action(key, entry)
+                where = " (from the remote cache)" if decision.remote else ""
+                self._succeeded(name, entry, State.CACHED, f"built {ago(entry.get('finished'))}{where}")
+                return True
+            state = self.engine.store.get_state(name)
+            decision.reasons = keys.explain(state and state.get("components"), parts)
+        self.outcome.reasons[name] = decision.reasons
+        return False
+
+    def _restorable_remote(self, name: str, key: str, parts: dict, entry: dict) -> dict | None:
+        """A remote entry with its blobs downloaded and its outputs materialized, or None (rebuild)."""
+        entry = self.engine.pull(name, key, entry)
+        if entry is None:
+            return None
+        try:
+            self.engine.restore(name, key, parts, entry)
+        except (OSError, ValueError) as exc:  # e.g. a name this filesystem refuses
+            self.engine.warn(f"warning: remote cache entry for {name} cannot be restored here "
+                             f"({_one_line(exc)}); building {name}")
+            return None
+        return entry
+
+    def _writable(self, why: str) -> None:
+        """Before the first write of this build: a read-only cache is one clear line, not a traceback."""
+        if not self._checked_writable:
+            self.engine.require_writable(why)
+            self._checked_writable = True
+
+    def _start_steps(self) -> None:
+        still_ready = []
+        for name, key, parts in self.ready:
+            if self.stop_scheduling:
+                self._set(name, State.SKIPPED, "stopped after a failure")
+                continue
+            need = self.project.targets[name].gpus if self.gpus_managed else 0
+            if need > len(self.all_gpus):
+                self._fail(name, f"needs {need} GPU(s) but {len(self.all_gpus)} visible "
+                                 "(set CUDA_VISIBLE_DEVICES, or run it on a GPU machine)")
+                continue
+            if len(self.running) >= self.options.jobs or need > len(self.free_gpus):
+                still_ready.append((name, key, parts))
+                continue
+            self._writable(f"building {name}")
+            lock = FileLock(self.engine.store.lock_path(f"key-{key}"))
+            if not lock.try_acquire():
+                if name not in self.announced_wait:
+                    self.announced_wait.add(name)
+                    self._set(name, State.WAITING, f"waiting for another tunemake (pid {lock.holder()}) building it")
+                still_ready.append((name, key, parts))
+                continue
+            # Another build may have finished it while we waited for the lock.
+            if not self.options.forced(name) and self._reuse(name, key, parts, False):
+                lock.release()
+                continue
+            self._start(name, key, parts, lock)
+        self.ready = still_ready
+
+    def _start(self, name: str, key: str, parts: dict, lock: FileLock) -> None:
+        target = self.project.targets[name]
+        need = target.gpus if self.gpus_managed else 0
+        gpus, self.free_gpus = self.free_gpus[:need], self.free_gpus[need:]
+        spec = StepSpec(target=name, module=target.module, params=target.key_params,
+                        input_refs=target.input_refs,
+                        deps={d: self.manifests[d] for d in target.target_deps},
+                        sources=list(target.sources), gpus=target.gpus)
+        tmp = None
+        try:
+            for dep in target.target_deps:
+                self._ensure_blobs(dep)
+            tmp = self.engine.store.new_tmp_dir(name.replace("/", "_"))
+            step = self.engine.executor.start(spec, tmp, gpus)
+        except Exception as exc:  # noqa: BLE001 - e.g. no Ray node fits, a dependency's blob is gone
+            lock.release()
+            if tmp is not None:
+                rmtree(tmp)
+            self.free_gpus.extend(gpus)
+            self._fail(name, _one_line(exc), key=key)
+            return
+        watch = InputWatch(views=getattr(step, "views", {}), sources=self.watched[name])
+        self.running[name] = (step, key, parts, lock, watch)
+        self._set(name, State.RUNNING, "; ".join(self.outcome.reasons.get(name, []))[:120])
+
+    def _ensure_blobs(self, dep: str) -> None:
+        """A dependency's blobs, which its dependents read, may have been evicted by `cache gc` while
+        targets/DEP stayed intact: take them back from there, each re-hashed."""
+        store = self.engine.store
+        for rel, entry in self.manifests[dep].items():
+            if not store.has_blob(entry["digest"]):
+                if not store.adopt(self.project.output_dir(dep) / rel, entry["digest"], entry.get("x", False)):
+                    store.state_path(dep).unlink(missing_ok=True)  # the next build restores or redoes it
+                    raise RuntimeError(f"targets/{dep}/{rel} no longer matches its cache entry; build again")
+
+    def _poll_steps(self) -> int:
+        """Collect the steps that exited; how many did."""
+        finished = 0
+        for name in list(self.running):
+            step, key, parts, lock, watch = self.running[name]
+            p = step.read_progress()
+            if p:
+                self.reporter.progress(name, p)
+            code = step.poll()
+            if code is None:
+                continue
+            del self.running[name]
+            finished += 1
+            step.kill()  # background children of the step must not outlive it (or write into its outputs)
+            self.free_gpus.extend(step.gpus)
+            try:
+                self._collect(name, step, code, key, parts, watch)
+            finally:
+                lock.release()
+                rmtree(step.tmp)
+        return finished
+
+    def _collect(self, name: str, step, code: int, key: str, parts: dict, watch: InputWatch) -> None:
+        store = self.engine.store
+        log_copy = store.log_path(name)
+        log = _read_log(step.log)
+        try:
+            log_copy.parent.mkdir(parents=True, exist_ok=True)
+            log_copy.write_bytes(log)
+        except OSError:
+            pass  # the console still gets the reason
+        if code != 0:
+            how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+            reason = step.error_line() if hasattr(step, "error_line") else ""
+            if reason:  # a Python step's own one-line reason; its traceback stays in the log
+                self._fail(name, f"{reason} ({how}, log: {_rel(log_copy)})", key=key)
+                self.outcome.failed_logs[name] = log_copy
+            else:
+                self._fail(name, f"{how}, log: {_rel(log_copy)}", log_copy, key=key)
+            return
+        moved = input_changes(watch, lambda s: self.engine.hasher.current_files(
+            self.engine.source_path(s), self.engine.source_skip()))
+        if moved:
+            # the step may have read the inputs half old, half new: its outputs belong to no key
+            for dep_name, (_folder, placed) in watch.views.items():
+                if f"dependency {dep_name}" in moved:
+                    for rel in placed:
+                        store.verify_blob(self.manifests[dep_name][rel]["digest"])  # drops a damaged blob
+            self._fail(name, f"{moved[0]} changed while the step ran; its outputs were discarded: build again",
+                       key=key)
+            return
+        try:
+            manifest = step.collect(store)
+            entry = self.engine.record(name, key, parts, manifest, log, step.started)
+            self.engine.restore(name, key, parts, entry)
+        except (OSError, RuntimeError, ValueError) as exc:
+            self._fail(name, f"could not collect outputs: {_one_line(exc)}", key=key)
+            return
+        self.engine.publish(key, entry)
+        self._succeeded(name, entry, State.DONE, f"{entry['duration']:.1f}s")
+
+    def _fail(self, name: str, detail: str, log: Path | None = None, key: str | None = None) -> None:
+        self._set(name, State.FAILED, detail)
+        if key is not None:  # so `status` can say the same inputs failed last time
+            try:
+                self.engine.store.put_failure(name, {"key": key, "detail": detail.split(", log: ")[0],
+                                                     "finished": time.time()})
+            except OSError:  # a convenience: never a reason to stop the build
+                pass
+        if log is not None:
+            self.outcome.failed_logs[name] = log
+            tail = run.log_tail(log)
+            if tail:
+                self.reporter.message("\n".join(f"    │ {line}" for line in tail.splitlines()))
+        if not self.options.keep_going:
+            self.stop_scheduling = True
+        self._skip_dependents(name)
+
+    def _skip_dependents(self, name: str) -> None:
+        stack = list(self.dependents.get(name, []))
+        while stack:
+            dep = stack.pop()
+            if self.state.get(dep) in (State.PENDING, State.QUEUED):
+                self.ready = [r for r in self.ready if r[0] != dep]
+                self._set(dep, State.SKIPPED, f"needs {name}")
+                stack.extend(self.dependents.get(dep, []))
+
+
+def _read_log(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # the step removed its own folder (e.g. deleted the cache)
+        return b"(the step's log is gone: the step removed its working folder)\n"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _rel(path: Path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
