@@ -297,3 +297,16 @@ def test_push_replaces_a_remote_blob_of_the_wrong_size(tmp_path):
     c.build("--remote", url)
     assert c.runs("big") == 0
     assert (c.root / "targets/big/w.bin").read_bytes() == bytes(1500000)
+
+
+def test_a_fifo_in_a_shared_folder_remote_is_a_warning_not_a_hang(tmp_path):
+    remote = tmp_path / "remote"
+    a = clone(tmp_path, "a")
+    a.build("--remote", remote.as_uri())
+    entry = entry_path(remote, "a")
+    entry.unlink()
+    os.mkfifo(entry)
+    b = clone(tmp_path, "b")
+    proc = b.build("--remote", remote.as_uri(), timeout=60)  # never blocks reading the FIFO
+    assert_clean(proc)
+    assert b.read("targets/b/y.txt") == "hello"

@@ -358,6 +358,8 @@ def test_a_step_that_deletes_the_cache(project):
     proc = project.build(check=False)
     _no_traceback(proc)
     assert proc.returncode == 1
+    assert "failed  wipe  (the step removed its own working folder (did it delete the cache folder?)" \
+        in proc.stdout, proc.stdout
     proc = project.build("a")  # the next build starts from an empty cache
     assert project.read("targets/a/o") == "a\n"
 
@@ -375,10 +377,13 @@ def test_a_built_in_kind_error_at_step_time_is_one_line(project):
     proc = project.build(check=False, timeout=300)
     assert proc.returncode == 1
     _no_traceback(proc)
-    failed = [line for line in proc.stdout.splitlines() if "failed" in line and " e " in f" {line} "]
-    assert failed, proc.stdout
+    failed = [line for line in proc.stdout.splitlines() if line.split()[:2] == ["failed", "e"]]
+    assert len(failed) == 1 and "no_such_lm_eval_task_xyz" in failed[0], proc.stdout
+    assert "│" not in proc.stdout  # no log tail: the one line says it
     log = project.run("log", "e", "--last", check=True).stdout
     assert "Traceback" in log
+    status = project.run("status", "e", check=True).stdout
+    assert status.count("(") == status.count(")"), status
 
 
 # -- one decision for build, -n and status --------------------------------------------------------
@@ -412,3 +417,233 @@ def test_a_dependency_whose_blobs_gc_evicted_is_still_read_right(project):
     project.build("b")
     assert (project.root / "targets/b/o").read_bytes() == (
         (project.root / "targets/a/big").read_bytes() + b"small\n")
+
+
+def test_an_in_place_edit_that_puts_the_mtime_back_is_still_caught(project):
+    project.tunefile("""
+        [target.a]
+        kind = "command"
+        cmd = "head -c 2000000 /dev/zero > $TUNEMAKE_OUT/big"
+        [target.b]
+        kind = "command"
+        cmd = "f=$TUNEMAKE_DEP_A/big; touch -r $f stamp; chmod u+w $f; printf X | dd of=$f conv=notrunc 2>/dev/null; touch -r stamp $f; echo done > $TUNEMAKE_OUT/o"
+        deps = ["a"]
+        [target.c]
+        kind = "command"
+        cmd = "md5sum < $TUNEMAKE_DEP_A/big > $TUNEMAKE_OUT/sum"
+        deps = ["a"]
+        """)
+    project.build("a")
+    proc = project.build("b", check=False)
+    assert proc.returncode == 1 and "dependency a changed while the step ran" in proc.stdout, proc.stdout
+    project.build("c")  # a's damaged blob was found and dropped: c reads the real bytes
+    expected = subprocess.run("head -c 2000000 /dev/zero | md5sum", shell=True, capture_output=True,
+                              text=True).stdout
+    assert project.read("targets/c/sum") == expected
+
+
+def test_an_edited_hardlinked_output_that_puts_the_mtime_back(project):
+    project.tunefile(f"""
+        [target.a]
+        kind = "command"
+        cmd = "{counted('a', 'head -c 2000000 /dev/zero > $TUNEMAKE_OUT/big')}"
+        """)
+    project.build()
+    big = project.root / "targets/a/big"
+    st = os.stat(big)
+    os.chmod(big, 0o644)
+    with open(big, "r+b") as f:
+        f.write(b"X")
+    os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.chmod(big, 0o444)
+    # -n and status say what the build will do: run it (the cache entry is damaged), not restore it
+    assert "would run" in project.build("-n").stdout
+    assert "stale" in project.run("status", check=True).stdout
+    proc = project.build()
+    assert project.runs("a") == 2
+    assert big.read_bytes() == b"\0" * 2000000
+
+
+def test_an_edited_hardlinked_output_with_a_read_only_cache(project):
+    project.tunefile("""
+        [target.a]
+        kind = "command"
+        cmd = "head -c 2000000 /dev/zero > $TUNEMAKE_OUT/big"
+        """)
+    project.build()
+    big = project.root / "targets/a/big"
+    os.chmod(big, 0o644)
+    with open(big, "r+b") as f:
+        f.write(b"X")
+    proc = _read_only(project, "build", "--plain")
+    _no_traceback(proc)
+    assert proc.returncode == 2 and "not writable" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_code_file_edited_during_its_own_step_is_caught(project):
+    project.write("mod.py", "import time\n\ndef make(ctx):\n    (ctx.project_dir / 'started').touch()\n"
+                            "    time.sleep(2)\n    (ctx.out / 'o').write_text('v1')\n")
+    project.tunefile("""
+        [target.py]
+        kind = "python"
+        function = "mod:make"
+        """)
+    build = _spawn_build(project, "py")
+    _wait_for(project.root / "started")
+    project.write("mod.py", "def make(ctx):\n    (ctx.out / 'o').write_text('v2')\n")
+    out, _ = build.communicate(timeout=60)
+    assert build.returncode == 1 and "mod.py changed while the step ran" in out, out
+
+
+def test_a_report_over_paths_inside_a_dependency_is_byte_identical_across_rebuilds(project):
+    project.tunefile("""
+        [target.evs]
+        kind = "command"
+        cmd = "mkdir -p $TUNEMAKE_OUT/x && cp ev/* $TUNEMAKE_OUT/x/"
+        deps = ["ev"]
+        [target.report]
+        kind = "report"
+        evals = ["evs/x", "ev"]
+        """)
+    _write_eval(project.root / "ev", 0.5)
+    project.build()
+    first = project.read("targets/report/report.json")
+    assert ".tunecache" not in first and str(project.root) not in first, first
+    assert json.loads(first)["rows"][0]["eval"] == "evs/x"
+    project.build("-B", "report")
+    assert project.read("targets/report/report.json") == first
+
+
+def test_a_step_importing_a_source_module_does_not_invalidate_its_source(project):
+    project.write("src/helper.py", "VALUE = 7\n")
+    project.write("show.py", "import sys\nsys.path.insert(0, 'src')\nimport helper\nprint(helper.VALUE)\n")
+    project.tunefile("""
+        [target.t]
+        kind = "command"
+        cmd = "echo run >> runs/t; env -u PYTHONDONTWRITEBYTECODE python3 show.py > $TUNEMAKE_OUT/o"
+        deps = ["src", "show.py"]
+        """)
+    project.build()
+    assert (project.root / "src/__pycache__").is_dir()  # Python wrote it into the source folder
+    assert project.read("targets/t/o") == "7\n"
+    assert "nothing to do" in project.build().stdout and project.runs("t") == 1
+
+
+# -- siblings found by hostile testing --------------------------------------------------------------
+def test_a_relative_project_folder(project):
+    project.tunefile('[target.a]\nkind = "command"\ncmd = "echo a > {out}/o"\n')
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "tunemake", "-C", project.root.name, "build", "--plain"],
+                          cwd=project.root.parent, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert project.read("targets/a/o") == "a\n"
+
+
+def test_a_symlinked_folder_inside_a_source_is_tracked(project):
+    project.write("real/f", "hello\n")
+    (project.root / "src").mkdir()
+    os.symlink("../real", project.root / "src/sub")
+    os.symlink("..", project.root / "src/loop")  # a cycle ends
+    project.tunefile("""
+        [target.a]
+        kind = "command"
+        cmd = "cat src/sub/f > {out}/o"
+        deps = ["src"]
+        """)
+    project.build()
+    project.write("real/f", "changed\n")
+    project.build()
+    assert project.read("targets/a/o") == "changed\n"
+
+
+def test_a_source_edit_that_puts_the_mtime_back_is_seen(project):
+    project.write("in.txt", "aaaa\n")
+    project.tunefile("""
+        [target.a]
+        kind = "command"
+        cmd = "cat in.txt > {out}/o"
+        deps = ["in.txt"]
+        """)
+    project.build()
+    st = os.stat(project.root / "in.txt")
+    time.sleep(0.1)  # past the stat cache's racy window
+    project.write("in.txt", "bbbb\n")
+    os.utime(project.root / "in.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    project.build()
+    assert project.read("targets/a/o") == "bbbb\n"
+
+
+def test_output_names_the_cache_cannot_hold_fail_the_step_at_once(project):
+    project.tunefile("""
+        [target.tilde]
+        kind = "command"
+        cmd = "echo x > {out}/~notes.txt"
+        [target.newline]
+        kind = "command"
+        cmd = 'echo x > "$TUNEMAKE_OUT/$(printf "a\\nb")"'
+        """)
+    proc = project.build("-k", check=False)
+    assert proc.returncode == 1
+    assert "failed  newline  (could not collect outputs: unsafe output path" in proc.stdout
+    assert project.read("targets/tilde/~notes.txt") == "x\n"
+    assert "nothing to do" in project.build("tilde").stdout
+
+
+def test_an_optional_input_path_that_appears_later_becomes_a_source(project):
+    project.write("m/config.json", "{}")
+    project.tunefile("""
+        [target.e]
+        kind = "eval"
+        model = "m"
+        tasks = ["mytasks"]
+        """)
+    assert "mytasks" not in project.run("list", check=True).stdout  # an lm-eval task name, for now
+    project.write("mytasks/t.yaml", "task: t\n")  # now a local task folder: a source, in the key
+    assert "mytasks" in project.run("list", check=True).stdout
+
+
+def test_a_cache_folder_that_holds_the_users_files_is_refused(project):
+    project.write("mystuff/logs/a.log", "mine\n")
+    project.write("mystuff/tmp/proj/keep", "mine\n")
+    project.tunefile("""
+        [cache]
+        dir = "mystuff"
+        [target.a]
+        kind = "command"
+        cmd = "echo a > {out}/o"
+        """)
+    for args in (["build", "--plain"], ["cache", "gc"]):
+        proc = project.run(*args, check=False)
+        assert proc.returncode == 2 and "already holds other files" in proc.stderr, proc.stderr
+    assert project.read("mystuff/logs/a.log") == "mine\n" and project.read("mystuff/tmp/proj/keep") == "mine\n"
+
+
+def test_cache_subfolders_that_are_files_are_repaired(project):
+    project.tunefile("""
+        [target.a]
+        kind = "command"
+        cmd = "echo a > {out}/o"
+        """)
+    project.build()
+    shutil.rmtree(project.root / "targets")
+    for name in ("cas", "ac", "state", "logs", "tmp"):
+        shutil.rmtree(project.root / ".tunecache" / name, ignore_errors=True)
+        (project.root / ".tunecache" / name).write_text("junk")
+    project.build()
+    assert project.read("targets/a/o") == "a\n"
+    assert "nothing to do" in project.build().stdout
+
+
+def test_two_targets_with_the_same_inputs_say_so(project):
+    project.tunefile("""
+        [target.a]
+        kind = "command"
+        cmd = "sleep 0.5; echo same > {out}/o"
+        [target.b]
+        kind = "command"
+        cmd = "sleep 0.5; echo same > {out}/o"
+        """)
+    proc = project.build("-j", "2")
+    assert "waiting for another tunemake" not in proc.stdout
+    assert project.read("targets/a/o") == project.read("targets/b/o") == "same\n"

@@ -20,8 +20,9 @@ from tunemake import keys, run
 from tunemake.decide import State, decide
 from tunemake.errors import UserError
 from tunemake.graph import closure
-from tunemake.hashing import StatCache, tree_digest
-from tunemake.store import FileLock, Store, owner_of, owner_token, rmtree
+from tunemake.hashing import StatCache, hash_file, tree_digest
+from tunemake.fsutil import FileLock, locked, rmtree
+from tunemake.store import Store, owner_of, owner_token
 from tunemake.tunefile import Project
 
 
@@ -65,6 +66,7 @@ class Engine:
         self.warn = lambda text: print(text, file=sys.stderr, flush=True)
         self.on_transfer = lambda name, progress: None
         self._warned: set[str] = set()
+        self.damaged: set[str] = set()  # keys whose blobs were found edited in place
 
     def _warn_once(self, text: str) -> None:
         if text not in self._warned:
@@ -129,26 +131,47 @@ class Engine:
     def components(self, name: str, trees: dict[str, str]) -> dict:
         return keys.components(self.project, self.project.targets[name], trees, self.hasher)
 
-    def check_current(self, name: str, key: str, repair: bool = True) -> dict | None:
+    def check_current(self, name: str, key: str, repair: bool = True, state: dict | None = None) -> dict | None:
         """The target's state if targets/NAME holds this key's outputs untouched, else None.
 
-        A materialized file that changed under us is checked against its blob: with
-        hardlinks an in-place edit reaches the blob too, and (with `repair`) a corrupt blob
-        and the action entry that needs it are dropped."""
-        state = self.store.get_state(name)
+        A materialized file whose only change is its ctime is re-hashed (an in-place edit can put
+        the mtime back). A file that changed is checked against its blob: with hardlinks an
+        in-place edit reaches the blob too; the key of a damaged blob goes into `self.damaged`,
+        and with `repair` the blob and the action entry that needs it are dropped. `state`: the
+        record, if the caller has read it."""
+        state = state or self.store.get_state(name)
         if not state or state.get("key") != key:
             return None
-        record = state.get("materialized", {})
-        changed = self.store.intact(record, self.project.output_dir(name))
+        record = state["materialized"]
+        out = self.project.output_dir(name)
+        changed, touched = self.store.intact(record, out)
+        if touched and not changed:
+            changed = [rel for rel in touched if not _same_content(out / rel, state["outputs"][rel]["digest"])]
+            if not changed:
+                self._refresh_record(name, state, out, touched)
         if not changed:
             return state
-        if repair:
-            for rel in changed:
-                if rel in record and record[rel][3] == "link":
-                    digest = state["outputs"][rel]["digest"]
-                    if not self.store.verify_blob(digest):
+        for rel in changed:
+            if rel in record and record[rel][3] == "link":
+                if not self.store.verify_blob(state["outputs"][rel]["digest"], delete=repair):
+                    self.damaged.add(key)
+                    if repair:
                         self.store.drop_action(key)
         return None
+
+    def _refresh_record(self, name: str, state: dict, out: Path, touched: list[str]) -> None:
+        """Re-hashed files are fine: remember their new ctime, so the next build need not re-hash.
+        Best effort (a read-only cache, a concurrent build): only a speed-up."""
+        try:
+            for rel in touched:
+                st = os.stat(out / rel)
+                placed = state["materialized"][rel]
+                state["materialized"][rel] = [st.st_ino, st.st_size, st.st_mtime_ns, placed[3], st.st_ctime_ns]
+            with locked(self.store.lock_path(f"target-{name}")):
+                if (self.store.get_state(name) or {}).get("key") == state["key"]:
+                    self.store.put_state(name, state)
+        except OSError:
+            pass
 
     def restore(self, name: str, key: str, parts: dict, entry: dict) -> bool:
         """Materialize a cached action into targets/NAME; False if a blob is missing."""
@@ -229,7 +252,7 @@ class Engine:
             outcome.status[name] = decision.state
             outcome.reasons[name] = decision.reasons
             if decision.state == State.UP_TO_DATE:
-                trees[name] = self.store.get_state(name)["tree"]
+                trees[name] = decision.last["tree"]
             elif decision.state == State.CACHED:
                 trees[name] = decision.entry["tree"]
         return outcome
@@ -262,6 +285,7 @@ class Engine:
             reporter.message("waiting for `tunemake cache gc` to finish ...")
             gc_lock.acquire(shared=True)
         try:
+            self.store.prepare()
             self._clean_stale_tmp()
             outcome = Scheduler(self, order, options, reporter).run()
         finally:
@@ -315,3 +339,10 @@ def _rel(path: Path) -> str:
         return os.path.relpath(path)
     except ValueError:
         return str(path)
+
+
+def _same_content(path: Path, digest: str) -> bool:
+    try:
+        return hash_file(path) == digest
+    except OSError:
+        return False

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the disk, not the tunefile: still one line naming the file
         where = f"{os.path.relpath(exc.filename)}: " if isinstance(exc.filename, str) else ""
         print(f"tunemake: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 2
+        return 1
     except Exception as exc:  # noqa: BLE001 - a bug of ours: one line here, the traceback in a file
         if os.environ.get("TUNEMAKE_DEBUG"):
             raise
@@ -131,11 +131,22 @@ def _project(args):
     path = tunefile.find_tunefile(Path(args.directory), args.file)
     project = tunefile.load(path, args.overrides)
     graph.check_acyclic(project)
+    _check_cache_folder(project)
+    return project
+
+
+def _check_cache_folder(project) -> None:
+    """The cache folder must be a folder, and one that holds nothing of the user's: `cache gc`
+    empties its tmp/, builds write its logs/. A folder of tunemake's carries a CACHEDIR.TAG."""
+    from tunemake.store import looks_like_a_cache
+
     cache = project.cache_dir
     if os.path.lexists(cache) and not cache.is_dir():
         raise UserError(f"{project.file.name}: the cache folder {os.path.relpath(cache)} is not a folder "
                         "(remove it, or set [cache] dir)")
-    return project
+    if cache.name != ".tunecache" and cache.is_dir() and not looks_like_a_cache(cache):
+        raise UserError(f"{project.file.name}: [cache] dir {os.path.relpath(cache)} already holds other files; "
+                        "point it at a new or empty folder (tunemake's own carry a CACHEDIR.TAG)")
 
 
 def _engine(args):
@@ -375,7 +386,7 @@ def cmd_log(args) -> int:
 
 
 def cmd_clean(args) -> int:
-    from tunemake.store import rmtree
+    from tunemake.fsutil import rmtree
 
     project = _project(args)
     names = project.expand(args.targets) if args.targets else list(project.targets)
@@ -424,24 +435,16 @@ def cmd_cache_gc(args) -> int:
 
 def cmd_cache_verify(args) -> int:
     from tunemake.maintenance import verify
-    from tunemake.store import Store, rmtree
+    from tunemake.store import Store
 
     project = _project(args)
-    store = Store(project.cache_dir)
-    result = verify(store)
+    result = verify(Store(project.cache_dir), {name: project.output_dir(name) for name in project.targets})
     for digest in result["corrupt"]:
         print(f"corrupt blob {digest[:16]}: removed")
     for target, key in result["dropped_actions"]:
         print(f"dropped cache entry {key[:16]} ({target}): it needed a removed blob; the next build redoes it")
-    # a materialized output made from a corrupt blob may be that very inode (a hardlink): it goes too,
-    # or the next build would find targets/NAME untouched and serve the corrupt bytes as up to date
-    corrupt = set(result["corrupt"])
-    for name in project.targets:
-        state = store.get_state(name)
-        if state and any(e["digest"] in corrupt for e in state["outputs"].values()):
-            rmtree(project.output_dir(name))
-            store.state_path(name).unlink(missing_ok=True)
-            print(f"removed targets/{name}: it was made from a corrupt blob; the next build restores or redoes it")
+    for name in result["removed_targets"]:
+        print(f"removed targets/{name}: it was made from a corrupt blob; the next build restores or redoes it")
     print(f"checked {result['checked']} blobs: {len(result['corrupt'])} corrupt")
     return 1 if result["corrupt"] else 0
 

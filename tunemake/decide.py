@@ -42,6 +42,7 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
     entry: dict | None = None  # the action entry to restore, when CACHED
     remote: bool = False  # that entry is in the remote cache only
+    last: dict | None = None  # the target's state record (what targets/NAME holds), if any
 
 
 def decide(engine, name: str, key: str, parts: dict, forced: bool, repair: bool = True) -> Decision:
@@ -50,11 +51,11 @@ def decide(engine, name: str, key: str, parts: dict, forced: bool, repair: bool 
     last = store.get_state(name)
     last_parts = last.get("components") if last else None
     if forced:
-        return Decision(State.STALE if last else State.NEVER_BUILT, ["forced"])
-    if engine.check_current(name, key, repair=repair):
-        return Decision(State.UP_TO_DATE)
+        return Decision(State.STALE if last else State.NEVER_BUILT, ["forced"], last=last)
+    if engine.check_current(name, key, repair=repair, state=last):
+        return Decision(State.UP_TO_DATE, last=last)
     entry = store.get_action(key)
-    if entry is not None and store.action_complete(entry):
+    if entry is not None and key not in engine.damaged and store.action_complete(entry):
         if last and last.get("key") == key:
             reasons = ["outputs in targets/ were deleted or edited"]
         else:
@@ -63,7 +64,9 @@ def decide(engine, name: str, key: str, parts: dict, forced: bool, repair: bool 
     remote_entry = engine.remote_entry(key)
     if remote_entry is not None:
         return Decision(State.CACHED, ["in the remote cache"], remote_entry, remote=True)
-    if last is None:
+    if key in engine.damaged:
+        decision = Decision(State.STALE, ["its outputs were edited in place, which damaged their cache entry"])
+    elif last is None:
         decision = Decision(State.NEVER_BUILT, [])
     else:
         decision = Decision(State.STALE, keys.explain(last_parts, parts) or ["cache entry missing"])

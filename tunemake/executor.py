@@ -12,7 +12,6 @@ step; an in-place edit of a hardlinked input, and an edited source, are caught b
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -31,21 +30,15 @@ class StepSpec:
     gpus: int = 0
 
 
-@dataclass
-class StepResult:
-    """What a finished step gave back: exit status (0 = success), log, and on success the manifest
-    of its outputs, whose blobs the executor has put in the local store."""
-
-    code: int
-    log: bytes
-    outputs: dict | None = None
-    detail: str = ""  # one line for the console when the step failed
-
-
 class Executor(Protocol):
+    """`start` returns a running step: poll() -> exit status or None, fileno() -> a descriptor that
+    turns readable when it exits (or None: poll it), read_progress(), kill(), error_line() (a
+    failed step's one-line reason), and on success collect(store) -> the outputs' manifest, their
+    blobs in the store. The step's log is at step.log."""
+
     def gpu_slots(self) -> list[str] | None: ...  # None: the executor places GPU steps itself
 
-    def start(self, spec: StepSpec, tmp: Path, gpus: list[str]): ...  # a step with poll() / fileno()
+    def start(self, spec: StepSpec, tmp: Path, gpus: list[str]): ...
 
 
 def resolve_params(spec: StepSpec, project_dir: Path, dep_dirs: dict[str, Path],
@@ -77,40 +70,41 @@ def link_inputs(store, deps: dict[str, dict], folder: Path) -> tuple[dict[str, P
     Returns the folders by dependency, and what was linked (for `input_changes`)."""
     dirs, placed = {}, {}
     for name, manifest in deps.items():
-        dest = folder / name.replace("/", "_")
+        dest = folder / name
         placed[name] = store.link_view(manifest, dest)
         dirs[name] = dest
-    for dest in dirs.values():  # folders read-only too (advisory for root, binding for everyone else)
-        for dirpath, _dirs, _files in os.walk(dest, topdown=False):
-            os.chmod(dirpath, 0o555)
     return dirs, placed
 
 
 @dataclass
 class InputWatch:
-    """Stats of every input file as the key saw them, to compare with after the step."""
+    """Every input file as the key saw it, to compare with after the step."""
 
-    views: dict[str, tuple[Path, dict]] = field(default_factory=dict)  # dep -> (folder, {rel: stat})
-    sources: dict[str, dict[str, tuple]] = field(default_factory=dict)  # source -> {file: stat}
-
-
-def file_stat(path) -> tuple | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+    views: dict[str, tuple[Path, dict, dict]] = field(default_factory=dict)  # dep -> (folder, {rel: stat}, manifest)
+    files: dict[str, tuple[Path, dict]] = field(default_factory=dict)  # source or code file -> (path, as hashed)
 
 
-def input_changes(watch: InputWatch, rescan) -> list[str]:
-    """Inputs that changed since the key was computed: '<dep NAME>' or 'SOURCE', one each.
+def input_changes(watch: InputWatch, changed_since) -> list[str]:
+    """Inputs that changed since the key was computed: 'dependency NAME' or the source's name.
 
-    `rescan(source)` gives a source's files and stats now, as the key saw them then."""
+    `changed_since(path, hashed)` tells whether a source differs from how it was hashed. A view
+    file whose only change is its ctime (an in-place edit that put the mtime back, or a new
+    hardlink to the same blob) is re-hashed to tell."""
+    from tunemake.hashing import hash_file
+
     changed = []
-    for name, (folder, placed) in watch.views.items():
-        if any(file_stat(folder / rel) != tuple(rec[:3]) for rel, rec in placed.items()):
-            changed.append(f"dependency {name}")
-    for source, before in watch.sources.items():
-        if rescan(source) != before:
-            changed.append(source)
+    for name, (folder, placed, manifest) in watch.views.items():
+        for rel, (ino, size, mtime_ns, ctime_ns) in placed.items():
+            try:
+                st = os.stat(folder / rel)
+            except OSError:
+                changed.append(f"dependency {name}")
+                break
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != (ino, size, mtime_ns) or (
+                    st.st_ctime_ns != ctime_ns and hash_file(folder / rel) != manifest[rel]["digest"]):
+                changed.append(f"dependency {name}")
+                break
+    for label, (path, hashed) in watch.files.items():
+        if changed_since(path, hashed):
+            changed.append(label)
     return changed

@@ -61,7 +61,7 @@ def _regular_stat(path: Path) -> os.stat_result:
 
 
 class StatCache:
-    """(path, inode, size, mtime_ns) -> digest, kept in one JSON file.
+    """(path, inode, size, mtime_ns, ctime_ns) -> digest, kept in one JSON file.
 
     A JSON file loads in about a millisecond, where opening an sqlite-backed cache
     costs 10-30 ms: that is most of a no-op build. Concurrent builds may each write
@@ -72,7 +72,10 @@ class StatCache:
         self._path = path
         self._entries: dict[str, list] | None = None
         self._new: dict[str, list] = {}
-        self.seen: dict[str, tuple] = {}  # path -> (inode, size, mtime_ns) of each file as hashed
+        # what this process hashed, to compare with after a step: path -> (inode, size, mtime_ns,
+        # ctime_ns, digest), and each source path -> its files
+        self.seen: dict[str, tuple] = {}
+        self.source_files: dict[str, list[str]] = {}
         self.hashed_bytes = 0  # how much was actually read: tests and benchmarks check this
 
     def _load(self) -> dict[str, list]:
@@ -83,69 +86,69 @@ class StatCache:
     def file(self, path: Path, st: os.stat_result | None = None) -> str:
         st = st or os.stat(path)
         key = str(path)
-        self.seen[key] = (st.st_ino, st.st_size, st.st_mtime_ns)
         hit = self._load().get(key)
-        if isinstance(hit, list) and len(hit) == 4 and hit[:3] == [st.st_ino, st.st_size, st.st_mtime_ns]:
-            return hit[3]
-        digest = hash_file(path)
-        self.hashed_bytes += st.st_size
-        if time.time_ns() - st.st_mtime_ns > RACY_WINDOW_NS:
-            entry = [st.st_ino, st.st_size, st.st_mtime_ns, digest]
-            self._entries[key] = entry
-            self._new[key] = entry
+        # ctime too: an edit can put the mtime back (cp -p, touch -r), but not the ctime
+        stamp = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        if isinstance(hit, list) and len(hit) == 5 and hit[:4] == stamp and isinstance(hit[4], str):
+            digest = hit[4]
+        else:
+            digest = hash_file(path)
+            self.hashed_bytes += st.st_size
+            if time.time_ns() - st.st_ctime_ns > RACY_WINDOW_NS:
+                entry = [*stamp, digest]
+                self._entries[key] = entry
+                self._new[key] = entry
+        self.seen[key] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
         return digest
 
     def tree(self, root: Path, skip: tuple[Path, ...] = ()) -> dict[str, dict]:
         """Manifest of a folder: relative path -> digest, size, executable bit.
 
-        Symlinks are followed (content is what matters); anything that is not a regular
+        Symlinks to files are followed (content is what matters); anything that is not a regular
         file once followed (a FIFO, a device, a dangling link) is an error, not a hang.
         """
         manifest: dict[str, dict] = {}
-        for dirpath, dirnames, filenames in os.walk(root):
-            if skip:
-                dirnames[:] = [d for d in dirnames if Path(dirpath, d) not in skip]
-            dirnames.sort()
-            for fn in sorted(filenames):
-                full = Path(dirpath) / fn
-                st = _regular_stat(full)
-                rel = full.relative_to(root).as_posix()
-                manifest[rel] = {"digest": self.file(full, st), "size": st.st_size,
-                                 "x": bool(st.st_mode & stat.S_IXUSR)}
+        for full in walk_files(root, skip):
+            st = _regular_stat(full)
+            rel = full.relative_to(root).as_posix()
+            manifest[rel] = {"digest": self.file(full, st), "size": st.st_size,
+                             "x": bool(st.st_mode & stat.S_IXUSR)}
         return manifest
-
-    def seen_files(self, path: Path) -> dict[str, tuple]:
-        """The files of a source hashed by this process, with their stats at the time."""
-        root = str(path)
-        return {p: s for p, s in self.seen.items() if p == root or p.startswith(root + os.sep)}
-
-    @staticmethod
-    def current_files(path: Path, skip: tuple[Path, ...] = ()) -> dict[str, tuple]:
-        """A source's files and stats now, walked exactly as `tree` walks them; no hashing."""
-        if not path.is_dir():
-            try:
-                st = os.stat(path)
-            except OSError:
-                return {}
-            return {str(path): (st.st_ino, st.st_size, st.st_mtime_ns)}
-        found = {}
-        for dirpath, dirnames, filenames in os.walk(path):
-            if skip:
-                dirnames[:] = [d for d in dirnames if Path(dirpath, d) not in skip]
-            for fn in filenames:
-                full = Path(dirpath) / fn
-                try:
-                    st = os.stat(full)
-                except OSError:
-                    continue
-                found[str(full)] = (st.st_ino, st.st_size, st.st_mtime_ns)
-        return found
 
     def source(self, path: Path, skip: tuple[Path, ...] = ()) -> str:
         """Digest of a source path: a file's content, or a folder's tree."""
         if path.is_dir():
-            return "tree:" + tree_digest(self.tree(path, skip))
+            manifest = self.tree(path, skip)
+            self.source_files[str(path)] = [str(path / rel) for rel in manifest]
+            return "tree:" + tree_digest(manifest)
+        self.source_files[str(path)] = [str(path)]
         return self.file(path, _regular_stat(path))
+
+    def as_hashed(self, path: Path) -> dict[str, tuple]:
+        """A source's (or code file's) files as this process hashed them, to compare with
+        `changed_since` after a step."""
+        files = self.source_files.get(str(path), [str(path)])
+        return {f: self.seen[f] for f in files if f in self.seen}
+
+    @staticmethod
+    def changed_since(path: Path, hashed: dict[str, tuple], skip: tuple[Path, ...] = ()) -> bool:
+        """Whether a source differs from how it was hashed: a file added, removed, replaced or
+        written. A file whose only change is its ctime (an edit that put the mtime back, or just
+        a new hardlink) is re-hashed to tell."""
+        files = [str(f) for f in walk_files(path, skip)] if path.is_dir() else [str(path)]
+        if sorted(files) != sorted(hashed):
+            return True
+        for f in files:
+            try:
+                st = os.stat(f)
+            except OSError:
+                return True
+            ino, size, mtime_ns, ctime_ns, digest = hashed[f]
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != (ino, size, mtime_ns):
+                return True
+            if st.st_ctime_ns != ctime_ns and hash_file(f) != digest:
+                return True
+        return False
 
     def close(self) -> None:
         """Merge our new entries into the file (another build may have added its own)."""
@@ -158,3 +161,22 @@ class StatCache:
             write_atomic(self._path, json.dumps(merged, separators=(",", ":")).encode(), durable=False)
         except OSError:
             pass  # only a speed-up: a read-only cache still builds
+
+
+def walk_files(root: Path, skip: tuple[Path, ...] = ()):
+    """The files of a source folder, in a stable order. Symlinked folders are followed (content is
+    what matters), each real folder once (a link cycle ends); `skip` (tunemake's own folders) and
+    `__pycache__` (Python writes those whenever a step imports a source module: bytes derived
+    from the source, not part of it) are not entered."""
+    skip_real = {os.path.realpath(p) for p in skip}
+    visited: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in visited:
+            dirnames[:] = []
+            continue
+        visited.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__"
+                             and os.path.realpath(os.path.join(dirpath, d)) not in skip_real)
+        for fn in sorted(filenames):
+            yield Path(dirpath) / fn

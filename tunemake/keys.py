@@ -49,8 +49,11 @@ def source_digest(project_dir: Path, source: str, hasher: StatCache, cache_dir: 
 
 
 def code_digests(target: Target, project_dir: Path, hasher: StatCache) -> dict[str, str]:
-    return {_code_label(str(project_dir / f), str(project_dir)): hasher.file(project_dir / f)
-            for f in target.code_files}
+    return {code_label(project_dir / f, project_dir): hasher.file(project_dir / f) for f in target.code_files}
+
+
+def code_label(path: Path, project_dir: Path) -> str:
+    return _code_label(str(path), str(project_dir))
 
 
 @lru_cache(maxsize=None)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from tunemake.errors import UserError
-from tunemake.store import FileLock, Store, rmtree
+from tunemake.fsutil import FileLock, locked, rmtree
+from tunemake.store import Store
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -100,8 +102,10 @@ def gc(store: Store, live_keys: set[str], max_size: int | None) -> dict:
         lock.release()
 
 
-def verify(store: Store) -> dict:
-    """Re-hash every blob; delete corrupt ones and the actions that needed them."""
+def verify(store: Store, outputs: dict[str, Path]) -> dict:
+    """Re-hash every blob; delete corrupt ones and the actions that needed them, and the targets/
+    folders (`outputs`: target -> its folder) made from them: a materialized file may be that very
+    inode (a hardlink), and the next build would otherwise find it untouched and serve it."""
     lock = _exclusive(store)
     try:
         checked, corrupt = 0, []
@@ -114,6 +118,14 @@ def verify(store: Store) -> dict:
             if any(not store.has_blob(d) for d in action.blobs()):
                 store.drop_action(action.key)
                 dropped.append((action.entry.get("target"), action.key))
-        return {"checked": checked, "corrupt": corrupt, "dropped_actions": dropped}
+        removed = []
+        for name, folder in outputs.items():
+            with locked(store.lock_path(f"target-{name}")):
+                state = store.get_state(name)
+                if state and any(e["digest"] in corrupt for e in state["outputs"].values()):
+                    rmtree(folder)
+                    store.state_path(name).unlink(missing_ok=True)
+                    removed.append(name)
+        return {"checked": checked, "corrupt": corrupt, "dropped_actions": dropped, "removed_targets": removed}
     finally:
         lock.release()

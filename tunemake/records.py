@@ -52,9 +52,9 @@ def check_state(state) -> None:
     _table(materialized, "materialized")
     if materialized.keys() != outputs.keys():
         raise ValueError("materialized files differ from the outputs")
-    for placed in materialized.values():  # [inode, size, mtime_ns, how]
-        if not (isinstance(placed, list) and len(placed) == 4 and _is_int(placed[0]) and _is_int(placed[1])
-                and _is_int(placed[2]) and placed[3] in PLACED):
+    for placed in materialized.values():  # [inode, size, mtime_ns, how, ctime_ns] (no ctime before 2026-12)
+        if not (isinstance(placed, list) and len(placed) in (4, 5) and _is_int(placed[0]) and _is_int(placed[1])
+                and _is_int(placed[2]) and placed[3] in PLACED and (len(placed) == 4 or _is_int(placed[4]))):
             raise ValueError("bad materialized record")
     built = state.get("built")
     _table(built, "built")
@@ -93,7 +93,7 @@ def check_output_path(rel) -> None:
     if not isinstance(rel, str) or not _utf8(rel):  # a lone surrogate would become a non-UTF-8 name
         raise ValueError(f"unsafe output path {rel!r:.80}")
     raw = rel.encode()
-    if (len(raw) > MAX_PATH_BYTES or rel.startswith(("/", "~")) or "\\" in rel or CONTROL.search(rel)
+    if (len(raw) > MAX_PATH_BYTES or rel.startswith("/") or "\\" in rel or CONTROL.search(rel)
             or any(p in (b"", b".", b"..") or len(p) > MAX_NAME_BYTES for p in raw.split(b"/"))):
         raise ValueError(f"unsafe output path {rel!r:.80}")
 

@@ -89,6 +89,7 @@ class Remote:
     def get_action(self, key: str) -> dict | None:
         path = self._path("ac", key[:2], f"{key}.json")
         try:
+            self._refuse_non_file(path)
             raw = self._guard("read action", lambda: self.fs.cat_file(path), missing_ok=True)
         except FileNotFoundError:
             return None
@@ -99,11 +100,32 @@ class Remote:
             raise RemoteError(f"remote cache entry {key[:16]} is malformed: {exc}") from None
         return entry
 
+    def _refuse_non_file(self, path: str) -> None:
+        """On a shared folder (file://) a FIFO or a device where a file should be would block a read
+        forever: only regular files are read. Object stores hold nothing else, and are not asked."""
+        if not str(self.url).startswith(("file:", "local:", "/")):
+            return
+        import stat as stat_module
+
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise RemoteError(f"remote cache {self.url}: {path}: {exc.strerror or exc}") from None
+        if not stat_module.S_ISREG(mode):
+            raise RemoteError(f"remote cache {self.url}: {path} is not a regular file")
+
     def put_action(self, key: str, entry: dict) -> None:
         data = json.dumps(entry, sort_keys=True).encode()
         folder = self._path("ac", key[:2])
+        final = posixpath.join(folder, f"{key}.json")
+        tmp = f"{final}.tmp-{os.getpid()}"
+        # written aside, then moved: a reader never sees half an entry, and whatever sat there
+        # (a torn entry, a FIFO that would block a write forever) is replaced, not written into
         self._guard("write action", lambda: self.fs.makedirs(folder, exist_ok=True))
-        self._guard("write action", lambda: self.fs.pipe_file(posixpath.join(folder, f"{key}.json"), data))
+        self._guard("write action", lambda: self.fs.pipe_file(tmp, data))
+        self._guard("write action", lambda: self.fs.mv(tmp, final))
 
     # -- blobs ----------------------------------------------------------------
     def fetch(self, store: Store, digests: list[str], on_bytes=None) -> list[str]:
@@ -116,10 +138,19 @@ class Remote:
 
         def one(digest: str) -> None:
             local = staging / digest
+            remote_path = self._path("cas", digest[:2], digest)
             try:
-                self._guard("download", lambda: self.fs.get_file(self._path("cas", digest[:2], digest), str(local)),
-                            missing_ok=True)
+                self._refuse_non_file(remote_path)
             except FileNotFoundError:  # an entry naming a blob the remote lacks: that entry is bad, not the remote
+                corrupt.append(digest)
+                return
+            except RemoteError:  # a FIFO or a folder where the blob should be
+                corrupt.append(digest)
+                self.damaged.add(digest)
+                return
+            try:
+                self._guard("download", lambda: self.fs.get_file(remote_path, str(local)), missing_ok=True)
+            except FileNotFoundError:
                 corrupt.append(digest)
                 return
             if hash_file(local) != digest:

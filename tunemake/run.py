@@ -138,7 +138,14 @@ class RunningStep:
         """After a successful exit: hash the outputs and move them into the store; the manifest."""
         from tunemake.store import output_manifest
 
+        from tunemake.records import check_outputs
+
         manifest, files = output_manifest(self.out, self.real_out)
+        try:  # a name the cache cannot hold: fail now, not a result that is never found again
+            check_outputs(manifest)
+        except ValueError as exc:
+            raise RuntimeError(f"{exc} (output names must be valid UTF-8, without control characters "
+                               "or backslashes, at most 255 bytes a part and 1024 in all)") from None
         for full, rel in files:
             store.ingest(full, manifest[rel]["digest"], manifest[rel]["x"])
         return manifest
@@ -170,7 +177,7 @@ class LocalExecutor:
         dep_dirs, placed = link_inputs(self.store, spec.deps, tmp / "in")
         params = resolve_params(spec, self.project_dir, dep_dirs)
         step = start(spec.target, spec.module, params, self.project_dir, dep_dirs, tmp, gpus)
-        step.views = {name: (dep_dirs[name], placed[name]) for name in placed}
+        step.views = {name: (dep_dirs[name], placed[name], spec.deps[name]) for name in placed}
         return step
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from tunemake import keys, run
 from tunemake.decide import State, ago, decide
-from tunemake.executor import InputWatch, StepSpec, input_changes
 from tunemake.fsutil import FileLock, rmtree
 from tunemake.graph import dependents
 
@@ -36,9 +35,9 @@ class Scheduler:
         self.trees: dict[str, str] = {}
         self.manifests: dict[str, dict] = {}  # finished targets' outputs: what their dependents read
         self.state: dict[str, State] = {n: State.PENDING for n in order}
-        self.ready: list[tuple[str, str, dict]] = []  # (name, key, components) needing a run
-        self.watched: dict[str, dict] = {}  # name -> its sources' files and stats, as its key saw them
-        self.running: dict[str, tuple[object, str, dict, FileLock, InputWatch]] = {}
+        # (name, key, components, its input files as the key saw them) needing a run
+        self.ready: list[tuple[str, str, dict, dict]] = []
+        self.running: dict[str, tuple] = {}  # name -> (step, key, components, key lock, InputWatch)
         self.announced_wait: set[str] = set()
         slots = engine.executor.gpu_slots()
         self.gpus_managed = slots is not None  # else the executor (Ray) places GPU steps itself
@@ -117,35 +116,34 @@ class Scheduler:
             name = self.decidable.popleft()
             parts = self.engine.components(name, self.trees)
             key = keys.key_of(parts)
-            self.watched[name] = {s: self.engine.hasher.seen_files(self.engine.source_path(s))
-                                  for s in self.project.targets[name].sources}
             if self._reuse(name, key, parts, self.options.forced(name)):
                 continue
             if self.options.pull_only:
                 self._set(name, State.SKIPPED, "in no cache")
                 continue
             self.state[name] = State.QUEUED
-            self.ready.append((name, key, parts))
+            self.ready.append((name, key, parts, self._as_hashed(name)))
 
     def _reuse(self, name: str, key: str, parts: dict, forced: bool) -> bool:
         """Up to date, or restored from a cache: True. Else the step must run (reasons recorded)."""
         decision = decide(self.engine, name, key, parts, forced)
         if decision.state == State.UP_TO_DATE:
-            self._succeeded(name, self.engine.store.get_state(name), State.UP_TO_DATE)
+            self._succeeded(name, decision.last, State.UP_TO_DATE)
             return True
         if decision.state == State.CACHED:
             self._writable(f"restoring {name}")
             entry = decision.entry
-            if decision.remote:
+            if decision.remote:  # downloaded and materialized, or None
                 entry = self._restorable_remote(name, key, parts, entry)
-            if entry is not None and self.engine.restore(name, key, parts, entry):
+            elif not self.engine.restore(name, key, parts, entry):
+                entry = None
+            if entry is not None:
                 if decision.remote:  # into the local action cache only now that it is materialized
                     self.engine.store.put_action(key, entry)
                 where = " (from the remote cache)" if decision.remote else ""
                 self._succeeded(name, entry, State.CACHED, f"built {ago(entry.get('finished'))}{where}")
                 return True
-            state = self.engine.store.get_state(name)
-            decision.reasons = keys.explain(state and state.get("components"), parts)
+            decision.reasons = keys.explain(decision.last and decision.last.get("components"), parts)
         self.outcome.reasons[name] = decision.reasons
         return False
 
@@ -155,12 +153,12 @@ class Scheduler:
         if entry is None:
             return None
         try:
-            self.engine.restore(name, key, parts, entry)
+            if self.engine.restore(name, key, parts, entry):
+                return entry
         except (OSError, ValueError) as exc:  # e.g. a name this filesystem refuses
             self.engine.warn(f"warning: remote cache entry for {name} cannot be restored here "
                              f"({_one_line(exc)}); building {name}")
-            return None
-        return entry
+        return None
 
     def _writable(self, why: str) -> None:
         """Before the first write of this build: a read-only cache is one clear line, not a traceback."""
@@ -170,7 +168,8 @@ class Scheduler:
 
     def _start_steps(self) -> None:
         still_ready = []
-        for name, key, parts in self.ready:
+        for item in self.ready:
+            name, key, parts, _hashed = item
             if self.stop_scheduling:
                 self._set(name, State.SKIPPED, "stopped after a failure")
                 continue
@@ -180,24 +179,28 @@ class Scheduler:
                                  "(set CUDA_VISIBLE_DEVICES, or run it on a GPU machine)")
                 continue
             if len(self.running) >= self.options.jobs or need > len(self.free_gpus):
-                still_ready.append((name, key, parts))
+                still_ready.append(item)
                 continue
             self._writable(f"building {name}")
             lock = FileLock(self.engine.store.lock_path(f"key-{key}"))
             if not lock.try_acquire():
                 if name not in self.announced_wait:
                     self.announced_wait.add(name)
-                    self._set(name, State.WAITING, f"waiting for another tunemake (pid {lock.holder()}) building it")
-                still_ready.append((name, key, parts))
+                    twin = next((n for n, run in self.running.items() if run[1] == key), None)
+                    self._set(name, State.WAITING, f"waiting for {twin}, which has the same inputs" if twin else
+                              f"waiting for another tunemake (pid {lock.holder()}) building it")
+                still_ready.append(item)
                 continue
             # Another build may have finished it while we waited for the lock.
             if not self.options.forced(name) and self._reuse(name, key, parts, False):
                 lock.release()
                 continue
-            self._start(name, key, parts, lock)
+            self._start(name, key, parts, lock, item[3])
         self.ready = still_ready
 
-    def _start(self, name: str, key: str, parts: dict, lock: FileLock) -> None:
+    def _start(self, name: str, key: str, parts: dict, lock: FileLock, hashed: dict) -> None:
+        from tunemake.executor import InputWatch, StepSpec  # not on the no-op path
+
         target = self.project.targets[name]
         need = target.gpus if self.gpus_managed else 0
         gpus, self.free_gpus = self.free_gpus[:need], self.free_gpus[need:]
@@ -209,7 +212,7 @@ class Scheduler:
         try:
             for dep in target.target_deps:
                 self._ensure_blobs(dep)
-            tmp = self.engine.store.new_tmp_dir(name.replace("/", "_"))
+            tmp = self.engine.store.new_tmp_dir(name)
             step = self.engine.executor.start(spec, tmp, gpus)
         except Exception as exc:  # noqa: BLE001 - e.g. no Ray node fits, a dependency's blob is gone
             lock.release()
@@ -218,9 +221,21 @@ class Scheduler:
             self.free_gpus.extend(gpus)
             self._fail(name, _one_line(exc), key=key)
             return
-        watch = InputWatch(views=getattr(step, "views", {}), sources=self.watched[name])
+        watch = InputWatch(views=getattr(step, "views", {}), files=hashed)
         self.running[name] = (step, key, parts, lock, watch)
         self._set(name, State.RUNNING, "; ".join(self.outcome.reasons.get(name, []))[:120])
+
+    def _as_hashed(self, name: str) -> dict:
+        """The target's sources and code files as its key hashed them: label -> (path, files)."""
+        target, hasher = self.project.targets[name], self.engine.hasher
+        files = {}
+        for source in target.sources:
+            path = self.engine.source_path(source)
+            files[source] = (path, hasher.as_hashed(path))
+        for code in target.code_files:
+            path = self.project.dir / code
+            files[keys.code_label(path, self.project.dir)] = (path, hasher.as_hashed(path))
+        return files
 
     def _ensure_blobs(self, dep: str) -> None:
         """A dependency's blobs, which its dependents read, may have been evicted by `cache gc` while
@@ -254,7 +269,9 @@ class Scheduler:
                 rmtree(step.tmp)
         return finished
 
-    def _collect(self, name: str, step, code: int, key: str, parts: dict, watch: InputWatch) -> None:
+    def _collect(self, name: str, step, code: int, key: str, parts: dict, watch) -> None:
+        from tunemake.executor import input_changes
+
         store = self.engine.store
         log_copy = store.log_path(name)
         log = _read_log(step.log)
@@ -267,16 +284,20 @@ class Scheduler:
             how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
             reason = step.error_line() if hasattr(step, "error_line") else ""
             if reason:  # a Python step's own one-line reason; its traceback stays in the log
-                self._fail(name, f"{reason} ({how}, log: {_rel(log_copy)})", key=key)
+                self._fail(name, f"{reason} ({how}; log: {_rel(log_copy)})", key=key, record=f"{reason} ({how})")
                 self.outcome.failed_logs[name] = log_copy
             else:
                 self._fail(name, f"{how}, log: {_rel(log_copy)}", log_copy, key=key)
             return
-        moved = input_changes(watch, lambda s: self.engine.hasher.current_files(
-            self.engine.source_path(s), self.engine.source_skip()))
+        if not step.tmp.is_dir():
+            self._fail(name, "the step removed its own working folder (did it delete the cache folder?); "
+                             "its outputs are gone", key=key)
+            return
+        skip = self.engine.source_skip()
+        moved = input_changes(watch, lambda path, hashed: self.engine.hasher.changed_since(path, hashed, skip))
         if moved:
             # the step may have read the inputs half old, half new: its outputs belong to no key
-            for dep_name, (_folder, placed) in watch.views.items():
+            for dep_name, (_folder, placed, _manifest) in watch.views.items():
                 if f"dependency {dep_name}" in moved:
                     for rel in placed:
                         store.verify_blob(self.manifests[dep_name][rel]["digest"])  # drops a damaged blob
@@ -293,11 +314,13 @@ class Scheduler:
         self.engine.publish(key, entry)
         self._succeeded(name, entry, State.DONE, f"{entry['duration']:.1f}s")
 
-    def _fail(self, name: str, detail: str, log: Path | None = None, key: str | None = None) -> None:
+    def _fail(self, name: str, detail: str, log: Path | None = None, key: str | None = None,
+              record: str | None = None) -> None:
+        """`record`: what `status` will say of it (default: the detail without the log's path)."""
         self._set(name, State.FAILED, detail)
         if key is not None:  # so `status` can say the same inputs failed last time
             try:
-                self.engine.store.put_failure(name, {"key": key, "detail": detail.split(", log: ")[0],
+                self.engine.store.put_failure(name, {"key": key, "detail": record or detail.split(", log: ")[0],
                                                      "finished": time.time()})
             except OSError:  # a convenience: never a reason to stop the build
                 pass

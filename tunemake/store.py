@@ -21,7 +21,7 @@ import stat
 import uuid
 from pathlib import Path
 
-from tunemake.fsutil import FileLock, is_real_dir, read_json, rmtree, swap_dir, write_json_atomic  # noqa: F401
+from tunemake.fsutil import FileLock, is_real_dir, read_json, rmtree, swap_dir, write_json_atomic
 from tunemake.hashing import hash_file
 from tunemake.records import check_action, check_failure, check_state, is_digest
 
@@ -48,6 +48,20 @@ def owner_of(name: str) -> str | None:
     token = fields[0] if not name.startswith(".") else fields[-2] if len(fields) >= 3 else ""
     head, x, tail = token.partition("x")
     return token if x and head.isdigit() and len(tail) == 8 else None
+
+
+CACHEDIR_TAG = "CACHEDIR.TAG"  # https://bford.info/cachedir/: backup tools skip the folder too
+CACHEDIR_TAG_TEXT = "Signature: 8a477f597d28d172789f06886806bc55\n# A tunemake cache folder: `tunemake cache gc` manages it.\n"
+LAYOUT = ("cas", "ac", "state", "logs", "failed", "tmp", "locks")
+
+
+def looks_like_a_cache(folder: Path) -> bool:
+    """A folder tunemake may write into: empty, tagged, or a cache made before tags (cas/ and ac/)."""
+    try:
+        names = set(os.listdir(folder))
+    except OSError:
+        return True  # unreadable: the store's own errors will say so
+    return not names or CACHEDIR_TAG in names or {"cas", "ac"} <= names
 
 
 class Store:
@@ -80,6 +94,22 @@ class Store:
             self._owner_lock.path.unlink(missing_ok=True)
             self._owner_lock.release()
             self._owner_lock = None
+
+    def prepare(self) -> None:
+        """Before a build writes: tag the folder, and remove anything that is not a folder where one
+        of ours should be (a damaged cache would otherwise fail every build the same way).
+        Best effort: a read-only cache is reported when something must actually be written."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tag = self.root / CACHEDIR_TAG
+            if not tag.exists():
+                tag.write_text(CACHEDIR_TAG_TEXT)
+            for name in LAYOUT:
+                path = self.root / name
+                if os.path.lexists(path) and not is_real_dir(path):
+                    os.unlink(path)
+        except OSError:
+            pass
 
     # -- paths ------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:
@@ -148,20 +178,18 @@ class Store:
             src.unlink()
 
     def adopt(self, path: Path, digest: str, executable: bool) -> bool:
-        """Copy a file back into the store as the blob `digest`, if its content still is that."""
-        dst = self.blob_path(digest)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f"{dst.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        """Take a file back into the store as the blob `digest`, if its content still is that."""
+        tmp = self.new_tmp_dir("adopt") / "blob"
         try:
             shutil.copyfile(path, tmp)
+            if hash_file(tmp) != digest:
+                return False
+            self.ingest(tmp, digest, executable)
+            return True
         except OSError:
             return False
-        if hash_file(tmp) != digest:
-            tmp.unlink()
-            return False
-        os.chmod(tmp, 0o555 if executable else 0o444)
-        os.replace(tmp, dst)
-        return True
+        finally:
+            rmtree(tmp.parent)
 
     def put_bytes(self, data: bytes) -> str:
         from tunemake.hashing import digest_bytes
@@ -174,14 +202,19 @@ class Store:
             shutil.rmtree(tmp.parent, ignore_errors=True)
         return digest
 
-    def verify_blob(self, digest: str) -> bool:
-        """Re-hash a blob; a corrupt blob is deleted so it is never served again."""
+    def verify_blob(self, digest: str, delete: bool = True) -> bool:
+        """Re-hash a blob; a corrupt blob is deleted (with `delete`, and where the cache is
+        writable) so it is never served again."""
         path = self.blob_path(digest)
         if not path.exists():
             return False
         if hash_file(path) == digest:
             return True
-        path.unlink(missing_ok=True)
+        if delete:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only cache: the caller still treats the blob as corrupt
         return False
 
     def blobs(self):
@@ -204,7 +237,10 @@ class Store:
         write_json_atomic(self.action_path(key), entry)
 
     def drop_action(self, key: str) -> None:
-        self.action_path(key).unlink(missing_ok=True)
+        try:
+            self.action_path(key).unlink(missing_ok=True)
+        except OSError:
+            pass  # a read-only cache: the entry stays, and decide() knows the key is damaged
 
     def actions(self):
         ac = self.root / "ac"
@@ -240,7 +276,7 @@ class Store:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 how = self._place(self.blob_path(entry["digest"]), target, entry["size"], entry.get("x", False))
                 st = os.stat(target)
-                record[rel] = [st.st_ino, st.st_size, st.st_mtime_ns, how]
+                record[rel] = [st.st_ino, st.st_size, st.st_mtime_ns, how, st.st_ctime_ns]
             swap_dir(staging, dest, owner_token())
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -249,35 +285,51 @@ class Store:
 
     def link_view(self, manifest: dict[str, dict], dest: Path) -> dict[str, list]:
         """A step's private copy of a dependency's outputs: blobs reflinked or hardlinked (copied
-        only when neither works, or the executable bit differs), never shared with targets/."""
+        only when neither works, or the executable bit differs), never shared with targets/.
+        Files and folders are read-only (binding for other users, advisory for root: an in-place
+        edit is caught afterwards by the stats recorded here)."""
         record: dict[str, list] = {}
+        folders = {dest}
+        dest.mkdir(parents=True, exist_ok=True)  # an output with no files is an empty folder
         for rel, entry in manifest.items():
             target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.parent not in folders:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                folders.update(p for p in target.parents if dest in p.parents or p == dest)
             blob = self.blob_path(entry["digest"])
             x = bool(entry.get("x", False))
-            if not (self._reflink_ok is not False and self._reflink(blob, target)):
-                try:
-                    if bool(os.stat(blob).st_mode & stat.S_IXUSR) != x:
-                        raise OSError("mode differs")
-                    os.link(blob, target)
-                except OSError:
+            st = None
+            if self._reflink_ok is not False and self._reflink(blob, target):
+                os.chmod(target, 0o555 if x else 0o444)
+            else:
+                blob_st = os.stat(blob)
+                if bool(blob_st.st_mode & stat.S_IXUSR) == x:
+                    try:
+                        os.link(blob, target)
+                        st = blob_st  # the same inode: the blob's stat is the file's
+                    except OSError:
+                        pass
+                if st is None:
                     shutil.copyfile(blob, target)
-            os.chmod(target, 0o555 if x else 0o444)
-            st = os.stat(target)
-            record[rel] = [st.st_ino, st.st_size, st.st_mtime_ns]
-        dest.mkdir(parents=True, exist_ok=True)  # an output with no files
+                    os.chmod(target, 0o555 if x else 0o444)
+            st = st or os.stat(target)
+            record[rel] = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            os.chmod(folder, 0o555)
         return record
 
     @staticmethod
-    def intact(record: dict[str, list], dest: Path) -> list[str]:
-        """Materialized files whose stat no longer matches (deleted or edited by the user),
-        and files added beside them (dependents would read them)."""
+    def intact(record: dict[str, list], dest: Path) -> tuple[list[str], list[str]]:
+        """(changed, touched): materialized files whose stat no longer matches (deleted or edited
+        by the user), or "(files added or removed)" (dependents would read those); and files
+        whose only change is their ctime: an edit that put the mtime back, or just another hardlink
+        to the same blob. Those must be re-hashed to tell."""
         present = sum(len(files) for _root, _dirs, files in os.walk(dest))
         if present != len(record):
-            return ["(files added or removed)"]
-        changed = []
-        for rel, (ino, size, mtime_ns, _how) in record.items():
+            return ["(files added or removed)"], []
+        changed, touched = [], []
+        for rel, placed in record.items():
+            ino, size, mtime_ns = placed[:3]
             try:
                 st = os.stat(dest / rel)
             except OSError:
@@ -285,7 +337,9 @@ class Store:
                 continue
             if (st.st_ino, st.st_size, st.st_mtime_ns) != (ino, size, mtime_ns):
                 changed.append(rel)
-        return changed
+            elif len(placed) < 5 or st.st_ctime_ns != placed[4]:
+                touched.append(rel)
+        return changed, touched
 
     def _place(self, blob: Path, target: Path, size: int, executable: bool) -> str:
         if self._reflink_ok is not False and self._reflink(blob, target):

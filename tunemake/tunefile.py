@@ -109,9 +109,7 @@ class Project:
 
 
 def find_tunefile(directory: Path, file: str | None = None) -> Path:
-    path = Path(file) if file else directory / TUNEFILE
-    if not path.is_absolute():
-        path = directory / path
+    path = directory / (file or TUNEFILE)  # -f is relative to -C, as with make; an absolute -f stands alone
     if not path.is_file():
         raise UserError(f"{path}: no tunefile here (create {TUNEFILE}, or point at one with -C DIR or -f FILE)")
     return path.resolve()
@@ -136,6 +134,10 @@ def _watched_files(project: Project) -> list[str]:
     files = {__file__, kinds.__file__}
     for target in project.targets.values():
         files.update(str(project.dir / f) for f in target.code_files)
+        # an optional input that names no existing path (a task name, a missing prompts file)
+        # becomes a source the moment such a path appears: that must re-parse
+        files.update(str(project.dir / ref[len("value:"):]) for refs in target.input_refs.values()
+                     for ref in refs if ref.startswith("value:"))
         files.update(str(project.dir / s) for s in target.sources)
     return sorted(files)
 

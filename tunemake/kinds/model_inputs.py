@@ -1,6 +1,7 @@
-"""What the model-reading recipes (eval, generate) share: checks of the model input and its name.
+"""What the recipes share: checks of the model input (eval, generate) and the name the tunefile
+gives an input path (eval, generate, report).
 
-A module of its own, listed in each of those kinds' CODE, so that editing it rebuilds both.
+A module of its own, listed in each of those kinds' CODE, so that editing it rebuilds them all.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 INPUTS = ("evals", "samples")
 PACKAGES = ("python",)
+CODE = ("tunemake.kinds.model_inputs",)
 
 
 class Params(BaseModel):
@@ -39,12 +40,12 @@ def summary(out_dir) -> str:
 
 
 def run(params: Params, ctx) -> None:
-    labels = {Path(path).resolve(): name for name, path in ctx.deps.items()}
+    from tunemake.kinds.model_inputs import dependency_name
+
     project_dir = Path(ctx.project_dir)
 
-    def label(path: str) -> str:
-        resolved = (project_dir / path).resolve()
-        return labels.get(resolved) or str(path)
+    def label(path: str) -> str:  # as the tunefile names it: never the step's private folders
+        return dependency_name(ctx, project_dir / path)
 
     rows = [read_eval(Path(project_dir / path), label(path)) for path in params.evals]
     if params.baseline is None:
