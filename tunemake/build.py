@@ -22,7 +22,8 @@ from tunemake.errors import UserError
 from tunemake.graph import closure
 from tunemake.hashing import StatCache, hash_file, tree_digest
 from tunemake.fsutil import FileLock, locked, rmtree
-from tunemake.store import Store, owner_of, owner_token
+from tunemake.owners import owner_of, owner_token
+from tunemake.store import Store
 from tunemake.tunefile import Project
 
 
@@ -125,7 +126,7 @@ class Engine:
 
     def close(self) -> None:
         self.hasher.close()
-        self.store.release_owner()
+        self.store.owners.release()
 
     # -- keys and state -------------------------------------------------------
     def components(self, name: str, trees: dict[str, str]) -> dict:
@@ -327,7 +328,7 @@ class Engine:
         owners = {f.name.removeprefix("owner-") for f in locks.glob("owner-*")} if locks.is_dir() else set()
         for token in (set(folders) | owners) - {me}:
             try:
-                if self.store.owner_gone(token):
+                if self.store.owners.gone(token):
                     for entry in folders.get(token, ()):
                         rmtree(entry)
             except OSError:

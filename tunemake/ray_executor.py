@@ -202,5 +202,5 @@ def _run_on_worker(spec: dict, sources: dict, remote_url: str, remote_options: d
     finally:
         if step is not None:
             step.kill()  # a failed step's background children must not outlive it on the worker
-        store.release_owner()  # the worker process lives on: its lock must not
+        store.owners.release()  # the worker process lives on: its lock must not
         shutil.rmtree(work, ignore_errors=True)

@@ -23,31 +23,11 @@ from pathlib import Path
 
 from tunemake.fsutil import FileLock, is_real_dir, read_json, rmtree, swap_dir, write_json_atomic
 from tunemake.hashing import hash_file
+from tunemake.owners import Owners, owner_token
 from tunemake.records import check_action, check_failure, check_state, is_digest
 
 FICLONE = 0x40049409  # linux/fs.h: clone a file's extents (btrfs, xfs, ...)
 SMALL_FILE = 1 << 20  # below this, `auto` copies: small outputs are the ones people open and edit
-
-
-_owner: tuple[int, str] | None = None
-
-
-def owner_token() -> str:
-    """This process's name in working-folder names: pid plus a random part, so it stays unique
-    across PID namespaces sharing one cache; liveness is its lock (`locks/owner-TOKEN`), not the pid."""
-    global _owner
-    if _owner is None or _owner[0] != os.getpid():  # a forked child is a new owner
-        _owner = (os.getpid(), f"{os.getpid()}x{uuid.uuid4().hex[:8]}")
-    return _owner[1]
-
-
-def owner_of(name: str) -> str | None:
-    """The owner token in a working folder's name: `TOKEN-label-x` in tmp/, `.NAME.tmp-TOKEN-x`
-    or `.NAME.old-TOKEN-x` beside targets."""
-    fields = name.split("-")
-    token = fields[0] if not name.startswith(".") else fields[-2] if len(fields) >= 3 else ""
-    head, x, tail = token.partition("x")
-    return token if x and head.isdigit() and len(tail) == 8 else None
 
 
 CACHEDIR_TAG = "CACHEDIR.TAG"  # https://bford.info/cachedir/: backup tools skip the folder too
@@ -69,31 +49,7 @@ class Store:
         self.root = root
         self.link = link
         self._reflink_ok: bool | None = None if link in ("auto", "reflink") else False
-        self._owner_lock: FileLock | None = None
-
-    def owner(self) -> str:
-        """Our token, with its lock held in this cache for as long as we live (kill -9 releases it)."""
-        token = owner_token()
-        if self._owner_lock is None or not self._owner_lock.path.name.endswith(token):
-            self._owner_lock = FileLock(self.lock_path(f"owner-{token}"))
-            self._owner_lock.try_acquire()
-        return token
-
-    def owner_gone(self, token: str) -> bool:
-        """True if no live process holds that owner's lock; its lock file is then removed."""
-        lock = FileLock(self.lock_path(f"owner-{token}"))
-        if not lock.try_acquire():
-            return False
-        lock.path.unlink(missing_ok=True)
-        lock.release()
-        return True
-
-    def release_owner(self) -> None:
-        """At a clean exit: nothing of ours is left to protect."""
-        if self._owner_lock is not None:
-            self._owner_lock.path.unlink(missing_ok=True)
-            self._owner_lock.release()
-            self._owner_lock = None
+        self.owners = Owners(self.lock_path)
 
     def prepare(self) -> None:
         """Before a build writes: tag the folder, and remove anything that is not a folder where one
@@ -138,7 +94,7 @@ class Store:
         self.failure_path(target).unlink(missing_ok=True)
 
     def new_tmp_dir(self, label: str) -> Path:
-        path = self.root / "tmp" / f"{self.owner()}-{label}-{uuid.uuid4().hex[:8]}"
+        path = self.root / "tmp" / f"{self.owners.mine()}-{label}-{uuid.uuid4().hex[:8]}"
         path.mkdir(parents=True)
         return path
 
@@ -255,7 +211,16 @@ class Store:
                 yield key, entry, path
 
     def action_complete(self, entry: dict) -> bool:
-        return all(self.has_blob(e["digest"]) for e in entry["outputs"].values())
+        """Every blob present, at its recorded size: a blob something appended to after it was
+        stored (a step's escaped background process still holding the file) is not served."""
+        for e in entry["outputs"].values():
+            try:
+                st = os.stat(self.blob_path(e["digest"]))
+            except OSError:
+                return False
+            if not stat.S_ISREG(st.st_mode) or st.st_size != e["size"]:
+                return False
+        return True
 
     # -- per-target state ---------------------------------------------------
     def get_state(self, target: str) -> dict | None:
@@ -267,7 +232,7 @@ class Store:
     # -- materialization ----------------------------------------------------
     def materialize(self, manifest: dict[str, dict], dest: Path) -> dict[str, list]:
         """Recreate an output tree at `dest` from blobs; returns what was placed, for `intact`."""
-        staging = dest.parent / f".{dest.name}.tmp-{self.owner()}-{uuid.uuid4().hex[:6]}"
+        staging = dest.parent / f".{dest.name}.tmp-{self.owners.mine()}-{uuid.uuid4().hex[:6]}"
         staging.mkdir(parents=True)
         record: dict[str, list] = {}
         try:
