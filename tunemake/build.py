@@ -125,6 +125,8 @@ class Engine:
             self._warn_once(f"{exc}; the result stays in the local cache only")
 
     def close(self) -> None:
+        if hasattr(self.executor, "close"):
+            self.executor.close()
         self.hasher.close()
         self.store.owners.release()
 

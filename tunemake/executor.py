@@ -64,16 +64,46 @@ def resolve_params(spec: StepSpec, project_dir: Path, dep_dirs: dict[str, Path],
     return params
 
 
-def link_inputs(store, deps: dict[str, dict], folder: Path) -> tuple[dict[str, Path], dict[str, dict]]:
-    """Each dependency's outputs, linked read-only from the blob store into folder/NAME.
+class InputViews:
+    """The read-only views of dependency outputs for the steps of one build, one per output tree,
+    shared by every step that reads that tree (a base checkpoint read by quantize, eval and
+    generate is linked once). They live in a folder of the build's own (`folder()` makes it on
+    first use), out of reach of other builds and of `tunemake clean`, until `close`.
 
-    Returns the folders by dependency, and what was linked (for `input_changes`)."""
-    dirs, placed = {}, {}
-    for name, manifest in deps.items():
-        dest = folder / name
-        placed[name] = store.link_view(manifest, dest)
-        dirs[name] = dest
-    return dirs, placed
+    A view is reused only while its files still have the stats they were linked with; one that
+    changed (a step wrote into it) is left to the steps reading it and a fresh one is made."""
+
+    def __init__(self, store, folder):
+        self.store = store
+        self.folder = folder  # () -> the build's folder for views
+        self._views: dict[str, tuple[Path, dict]] = {}  # tree digest -> (folder, what was linked)
+        self._made = 0
+
+    def link(self, deps: dict[str, dict]) -> tuple[dict[str, Path], dict[str, dict]]:
+        """Each dependency's view: its folder and what was linked there (for `input_changes`)."""
+        from tunemake.hashing import tree_digest
+
+        dirs, placed = {}, {}
+        for name, manifest in deps.items():
+            tree = tree_digest(manifest)
+            view = self._views.get(tree)
+            if view is None or not _unchanged(*view):
+                self._made += 1
+                dest = self.folder() / f"{self._made}-{tree[:16]}"
+                view = self._views[tree] = (dest, self.store.link_view(manifest, dest))
+            dirs[name], placed[name] = view
+        return dirs, placed
+
+
+def _unchanged(folder: Path, placed: dict) -> bool:
+    for rel, (ino, size, mtime_ns, ctime_ns) in placed.items():
+        try:
+            st = os.stat(folder / rel)
+        except OSError:
+            return False
+        if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (ino, size, mtime_ns, ctime_ns):
+            return False
+    return True
 
 
 @dataclass

@@ -19,8 +19,9 @@ READ_ONLY_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS)
 def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
     """Write a file whole or not at all: a temp file beside it, then a rename.
     `durable` fsyncs first (cache records); speed-ups such as the stat cache skip it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}")
+    if not os.path.isdir(path.parent):  # a stat first: on some filesystems a mkdir costs 50x more
+        path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(tmp, "wb") as f:
             f.write(data)

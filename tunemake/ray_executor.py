@@ -146,7 +146,7 @@ def _run_on_worker(spec: dict, sources: dict, remote_url: str, remote_options: d
     import tempfile
 
     from tunemake import run
-    from tunemake.executor import StepSpec, link_inputs, resolve_params
+    from tunemake.executor import InputViews, StepSpec, resolve_params
     from tunemake.remote import Remote
     from tunemake.store import Store, output_manifest
 
@@ -174,7 +174,7 @@ def _run_on_worker(spec: dict, sources: dict, remote_url: str, remote_options: d
                 store.materialize(manifest, dest)
         tmp = work / "step"
         tmp.mkdir()
-        dep_dirs, _ = link_inputs(store, spec.deps, tmp / "in")
+        dep_dirs, _ = InputViews(store, lambda: work / "inputs").link(spec.deps)
         params = resolve_params(spec, project, dep_dirs, placed)
         gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]  # set by Ray
         step = run.start(spec.target, spec.module, params, project, dep_dirs, tmp, gpus)

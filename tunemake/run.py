@@ -163,8 +163,25 @@ class LocalExecutor:
     Each step reads its dependencies from private links to their blobs (tunemake.executor)."""
 
     def __init__(self, project_dir: Path, store):
+        from tunemake.executor import InputViews
+
         self.project_dir = project_dir
         self.store = store
+        self._views_dir: Path | None = None
+        self.views = InputViews(store, self._views_folder)
+
+    def _views_folder(self) -> Path:
+        if self._views_dir is None:
+            self._views_dir = self.store.new_tmp_dir("inputs")
+        return self._views_dir
+
+    def close(self) -> None:
+        """After the build: no step reads the views any more."""
+        from tunemake.fsutil import rmtree
+
+        if self._views_dir is not None:
+            rmtree(self._views_dir)
+            self._views_dir = None
 
     def gpu_slots(self) -> list[str] | None:
         from tunemake.keys import visible_gpus
@@ -172,9 +189,9 @@ class LocalExecutor:
         return visible_gpus()
 
     def start(self, spec, tmp: Path, gpus: list[str]) -> RunningStep:
-        from tunemake.executor import link_inputs, resolve_params
+        from tunemake.executor import resolve_params
 
-        dep_dirs, placed = link_inputs(self.store, spec.deps, tmp / "in")
+        dep_dirs, placed = self.views.link(spec.deps)
         params = resolve_params(spec, self.project_dir, dep_dirs)
         step = start(spec.target, spec.module, params, self.project_dir, dep_dirs, tmp, gpus)
         step.views = {name: (dep_dirs[name], placed[name], spec.deps[name]) for name in placed}

@@ -276,8 +276,13 @@ class Scheduler:
         log_copy = store.log_path(name)
         log = _read_log(step.log)
         try:
-            log_copy.parent.mkdir(parents=True, exist_ok=True)
-            log_copy.write_bytes(log)
+            os.replace(step.log, log_copy)
+        except FileNotFoundError:
+            try:
+                log_copy.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(step.log, log_copy)
+            except OSError:
+                pass
         except OSError:
             pass  # the console still gets the reason
         if code != 0:

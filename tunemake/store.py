@@ -109,7 +109,10 @@ class Store:
         been damaged through a hardlink, and the fresh bytes are known to match the digest.
         """
         dst = self.blob_path(digest)
-        _clear_blob_slot(dst)
+        try:
+            self._ensure_dir(dst.parent)
+        except OSError:  # a damaged cas/: a file where the shard folder should be
+            _clear_blob_slot(dst)
         st = os.lstat(src)
         if stat.S_ISLNK(st.st_mode) or st.st_nlink > 1 or not stat.S_ISREG(st.st_mode):
             # a link (to a source, a dependency's output, anything): store a private copy,
@@ -123,6 +126,9 @@ class Store:
             src = tmp
         os.chmod(src, 0o555 if executable else 0o444)
         try:
+            os.replace(src, dst)
+        except IsADirectoryError:  # a damaged cache: a folder where the blob should be
+            _clear_blob_slot(dst)
             os.replace(src, dst)
         except OSError as exc:
             if exc.errno != errno.EXDEV:
@@ -236,9 +242,12 @@ class Store:
         staging.mkdir(parents=True)
         record: dict[str, list] = {}
         try:
+            made = {staging}
             for rel, entry in manifest.items():
                 target = staging / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.parent not in made:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    made.update(target.parents)
                 how = self._place(self.blob_path(entry["digest"]), target, entry["size"], entry.get("x", False))
                 st = os.stat(target)
                 record[rel] = [st.st_ino, st.st_size, st.st_mtime_ns, how, st.st_ctime_ns]
@@ -251,16 +260,16 @@ class Store:
     def link_view(self, manifest: dict[str, dict], dest: Path) -> dict[str, list]:
         """A step's private copy of a dependency's outputs: blobs reflinked or hardlinked (copied
         only when neither works, or the executable bit differs), never shared with targets/.
-        Files and folders are read-only (binding for other users, advisory for root: an in-place
-        edit is caught afterwards by the stats recorded here)."""
+        The files are read-only (binding for other users, advisory for root: an in-place edit is
+        caught afterwards by the stats recorded here)."""
         record: dict[str, list] = {}
+        dest.mkdir(parents=True)  # an output with no files is an empty folder
         folders = {dest}
-        dest.mkdir(parents=True, exist_ok=True)  # an output with no files is an empty folder
         for rel, entry in manifest.items():
             target = dest / rel
             if target.parent not in folders:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                folders.update(p for p in target.parents if dest in p.parents or p == dest)
+                folders.update(target.parents)
             blob = self.blob_path(entry["digest"])
             x = bool(entry.get("x", False))
             st = None
@@ -271,7 +280,7 @@ class Store:
                 if bool(blob_st.st_mode & stat.S_IXUSR) == x:
                     try:
                         os.link(blob, target)
-                        st = blob_st  # the same inode: the blob's stat is the file's
+                        st = os.stat(target)  # the blob's inode, with the ctime the new link gave it
                     except OSError:
                         pass
                 if st is None:
@@ -279,8 +288,6 @@ class Store:
                     os.chmod(target, 0o555 if x else 0o444)
             st = st or os.stat(target)
             record[rel] = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
-            os.chmod(folder, 0o555)
         return record
 
     @staticmethod
@@ -338,10 +345,15 @@ class Store:
     def lock_path(self, name: str) -> Path:
         path = self.root / "locks" / name
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            self._ensure_dir(path.parent)
         except OSError:
             pass  # a read-only cache: FileLock copes (see there)
         return path
+
+    @staticmethod
+    def _ensure_dir(folder: Path) -> None:
+        if not os.path.isdir(folder):  # a stat first: on some filesystems a mkdir costs 50x more
+            folder.mkdir(parents=True, exist_ok=True)
 
 
 def output_manifest(out: Path, real_root: str | None = None) -> tuple[dict[str, dict], list[tuple[Path, str]]]:
