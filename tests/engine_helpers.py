@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,3 +53,17 @@ class Project:
 def counted(name: str, body: str) -> str:
     """A shell command that records each run of target NAME, then does `body`."""
     return f"echo run >> runs/{name}; {body}"
+
+
+def spawn_build(project: Project, *args: str) -> subprocess.Popen:
+    """A build in the background (for kill -9 and concurrency tests), its output in .stdout."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "tunemake", "-C", str(project.root), "build", "--plain", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def wait_for(path: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)

@@ -9,20 +9,7 @@ import subprocess
 import sys
 import time
 
-from engine_helpers import REPO, counted
-
-
-def _spawn_build(project, *args):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "tunemake", "-C", str(project.root), "build", "--plain", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-
-
-def _wait_for(path, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
+from engine_helpers import counted, spawn_build, wait_for
 
 
 def _alive(pid: int) -> bool:
@@ -56,8 +43,8 @@ def test_kill_9_leaves_no_partial_entry_and_no_orphans(project):
         cmd = "{counted('slow', 'echo partial > $TUNEMAKE_OUT/out.txt; sleep 300 & echo $! > pids/sleeper; wait')}"
         """)
     (project.root / "pids").mkdir()
-    build = _spawn_build(project)
-    _wait_for(project.root / "pids/sleeper")
+    build = spawn_build(project)
+    wait_for(project.root / "pids/sleeper")
     assert _alive(int((project.root / "pids/sleeper").read_text()))
     assert not _kill_9_then_alive(build, project.root / "pids/sleeper"), "the step's children outlived tunemake"
     assert not list((project.root / ".tunecache/ac").glob("*/*.json")) if (project.root / ".tunecache/ac").exists() else True
@@ -85,9 +72,9 @@ def test_two_concurrent_builds_run_each_step_once(project):
         cmd = "{counted('b', 'cat $TUNEMAKE_DEP_A/a > $TUNEMAKE_OUT/b')}"
         deps = ["a"]
         """)
-    first = _spawn_build(project)
-    _wait_for(project.root / "runs/a")
-    second = _spawn_build(project)
+    first = spawn_build(project)
+    wait_for(project.root / "runs/a")
+    second = spawn_build(project)
     out1, _ = first.communicate(timeout=60)
     out2, _ = second.communicate(timeout=60)
     assert first.returncode == 0, out1
@@ -345,8 +332,8 @@ def test_a_concurrent_build_with_other_settings_cannot_reach_a_running_step(proj
         cmd = "touch started; sleep 2; cat $TUNEMAKE_DEP_D/v > $TUNEMAKE_OUT/v"
         deps = ["d"]
         """)
-    first = _spawn_build(project, "e")
-    _wait_for(project.root / "started")
+    first = spawn_build(project, "e")
+    wait_for(project.root / "started")
     project.build("--set", "d.cmd=echo two > $TUNEMAKE_OUT/v", "d")  # swaps targets/d under e
     out, _ = first.communicate(timeout=60)
     # e reads its private, read-only view of d: both builds succeed, each with its own d
@@ -364,6 +351,6 @@ def test_a_step_that_signals_its_own_group_still_dies_with_tunemake(project):
         cmd = "trap '' TERM; kill 0; sleep 300 & echo $! > pids/sleeper; wait"
         """)
     (project.root / "pids").mkdir()
-    build = _spawn_build(project)
-    _wait_for(project.root / "pids/sleeper")
+    build = spawn_build(project)
+    wait_for(project.root / "pids/sleeper")
     assert not _kill_9_then_alive(build, project.root / "pids/sleeper"), "`kill 0` in the step disarmed the guard"

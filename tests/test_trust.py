@@ -12,20 +12,7 @@ import time
 
 import pytest
 
-from engine_helpers import REPO, Project, counted
-
-
-def _spawn_build(project, *args):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "tunemake", "-C", str(project.root), "build", "--plain", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-
-
-def _wait_for(path, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
+from engine_helpers import REPO, Project, counted, spawn_build, wait_for
 
 
 def _no_traceback(proc):
@@ -143,8 +130,8 @@ def test_a_source_edited_while_the_step_runs_is_not_cached_under_the_old_key(pro
         cmd = "{counted('c', 'touch started; sleep 1.5; cat s.txt > $TUNEMAKE_OUT/o')}"
         deps = ["s.txt"]
         """)
-    build = _spawn_build(project)
-    _wait_for(project.root / "started")
+    build = spawn_build(project)
+    wait_for(project.root / "started")
     project.write("s.txt", "v2\n")
     out, _ = build.communicate(timeout=60)
     assert build.returncode == 1, out
@@ -166,8 +153,8 @@ def test_a_file_added_to_a_source_folder_while_the_step_runs_is_caught(project):
         cmd = "touch started; sleep 1.5; cat src/* > $TUNEMAKE_OUT/o"
         deps = ["src"]
         """)
-    build = _spawn_build(project)
-    _wait_for(project.root / "started")
+    build = spawn_build(project)
+    wait_for(project.root / "started")
     project.write("src/b.txt", "b\n")
     out, _ = build.communicate(timeout=60)
     assert build.returncode == 1, out
@@ -184,8 +171,8 @@ def test_a_dependency_edited_in_targets_while_a_step_runs_does_not_reach_it(proj
         cmd = "touch started; sleep 1.5; cat $TUNEMAKE_DEP_A/o > $TUNEMAKE_OUT/o"
         deps = ["a"]
         """)
-    build = _spawn_build(project, "b")
-    _wait_for(project.root / "started")
+    build = spawn_build(project, "b")
+    wait_for(project.root / "started")
     (project.root / "targets/a/o").write_text("edited\n")  # a small output: a copy in targets/
     out, _ = build.communicate(timeout=60)
     assert build.returncode == 0, out
@@ -207,8 +194,8 @@ def test_an_in_place_edit_of_a_hardlinked_dependency_during_a_step_is_caught(pro
     project.build("a")
     big = project.root / "targets/a/big"
     assert os.stat(big).st_nlink > 1  # a hardlink to the blob, as the README says
-    build = _spawn_build(project, "b")
-    _wait_for(project.root / "started")
+    build = spawn_build(project, "b")
+    wait_for(project.root / "started")
     os.chmod(big, 0o644)
     with open(big, "r+b") as f:  # in place: through the shared inode, the blob and b's view change too
         f.write(b"X")
@@ -234,11 +221,11 @@ def test_three_concurrent_builds_swapping_a_dependency_a_b_a(project):
         cmd = "touch started; {wait.format('go1')}; cat $TUNEMAKE_DEP_D/v > $TUNEMAKE_OUT/v; touch read1; {wait.format('go2')}; cat $TUNEMAKE_DEP_D/v >> $TUNEMAKE_OUT/v"
         deps = ["d"]
         """)
-    first = _spawn_build(project, "e")
-    _wait_for(project.root / "started")
+    first = spawn_build(project, "e")
+    wait_for(project.root / "started")
     project.build("--set", "d.cmd=echo B > $TUNEMAKE_OUT/v", "d")  # A -> B while e runs
     (project.root / "go1").touch()
-    _wait_for(project.root / "read1")
+    wait_for(project.root / "read1")
     project.build("d")  # B -> A: the final state is what e was keyed on
     (project.root / "go2").touch()
     out, _ = first.communicate(timeout=60)
@@ -263,8 +250,8 @@ def test_clean_of_a_dependency_while_a_dependent_runs(project):
         cmd = "touch started; sleep 1.5; cat $TUNEMAKE_DEP_D/v > $TUNEMAKE_OUT/v"
         deps = ["d"]
         """)
-    first = _spawn_build(project, "e")
-    _wait_for(project.root / "started")
+    first = spawn_build(project, "e")
+    wait_for(project.root / "started")
     project.run("clean", "d", check=True)
     out, _ = first.communicate(timeout=60)
     assert first.returncode == 0, out
@@ -459,7 +446,7 @@ def test_an_edited_hardlinked_output_that_puts_the_mtime_back(project):
     # -n and status say what the build will do: run it (the cache entry is damaged), not restore it
     assert "would run" in project.build("-n").stdout
     assert "stale" in project.run("status", check=True).stdout
-    proc = project.build()
+    project.build()
     assert project.runs("a") == 2
     assert big.read_bytes() == b"\0" * 2000000
 
@@ -489,8 +476,8 @@ def test_a_code_file_edited_during_its_own_step_is_caught(project):
         kind = "python"
         function = "mod:make"
         """)
-    build = _spawn_build(project, "py")
-    _wait_for(project.root / "started")
+    build = spawn_build(project, "py")
+    wait_for(project.root / "started")
     project.write("mod.py", "def make(ctx):\n    (ctx.out / 'o').write_text('v2')\n")
     out, _ = build.communicate(timeout=60)
     assert build.returncode == 1 and "mod.py changed while the step ran" in out, out

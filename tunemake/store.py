@@ -21,7 +21,7 @@ import stat
 import uuid
 from pathlib import Path
 
-from tunemake.fsutil import FileLock, is_real_dir, read_json, rmtree, swap_dir, write_json_atomic
+from tunemake.fsutil import is_real_dir, read_json, rmtree, swap_dir, write_json_atomic
 from tunemake.hashing import hash_file
 from tunemake.owners import Owners, owner_token
 from tunemake.records import check_action, check_failure, check_state, is_digest
@@ -245,9 +245,7 @@ class Store:
             made = {staging}
             for rel, entry in manifest.items():
                 target = staging / rel
-                if target.parent not in made:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    made.update(target.parents)
+                _make_parent(target, made)
                 how = self._place(self.blob_path(entry["digest"]), target, entry["size"], entry.get("x", False))
                 st = os.stat(target)
                 record[rel] = [st.st_ino, st.st_size, st.st_mtime_ns, how, st.st_ctime_ns]
@@ -264,12 +262,10 @@ class Store:
         caught afterwards by the stats recorded here)."""
         record: dict[str, list] = {}
         dest.mkdir(parents=True)  # an output with no files is an empty folder
-        folders = {dest}
+        made = {dest}
         for rel, entry in manifest.items():
             target = dest / rel
-            if target.parent not in folders:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                folders.update(target.parents)
+            _make_parent(target, made)
             blob = self.blob_path(entry["digest"])
             x = bool(entry.get("x", False))
             st = None
@@ -396,6 +392,13 @@ def _checked(check, record: dict | None) -> dict | None:
     except ValueError:
         return None
     return record
+
+
+def _make_parent(path: Path, made: set[Path]) -> None:
+    """The folder of a file being placed in a fresh tree, made once (`made`: folders made so far)."""
+    if path.parent not in made:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        made.update(path.parents)
 
 
 def _clear_blob_slot(dst: Path) -> None:
