@@ -634,3 +634,97 @@ def test_two_targets_with_the_same_inputs_say_so(project):
     proc = project.build("-j", "2")
     assert "waiting for another tunemake" not in proc.stdout
     assert project.read("targets/a/o") == project.read("targets/b/o") == "same\n"
+
+
+# -- siblings found by a second round of hostile testing ----------------------------------------
+def test_a_file_added_to_a_dependency_view_reaches_no_other_step(project):
+    project.tunefile("""
+        [target.a]
+        kind = "command"
+        cmd = "echo hello > {out}/a.txt"
+        [target.evil]
+        kind = "command"
+        deps = ["a"]
+        cmd = "echo INJECTED > {deps.a}/extra.txt; echo ok > {out}/e.txt"
+        [target.b]
+        kind = "command"
+        deps = ["a"]
+        cmd = "cat {deps.a}/* > {out}/b.txt"
+        """)
+    proc = project.build("-k", "evil", "b", check=False)
+    assert "failed  evil  (dependency a changed while the step ran" in proc.stdout, proc.stdout
+    assert project.read("targets/b/b.txt") == "hello\n"
+
+
+def test_a_forced_rerun_replaces_the_materialized_output(project):
+    project.tunefile("""
+        [target.t]
+        kind = "command"
+        cmd = "date +%s%N > {out}/t.txt"
+        [target.u]
+        kind = "command"
+        deps = ["t"]
+        cmd = "cat {deps.t}/t.txt > {out}/u.txt"
+        """)
+    project.build()
+    before = project.read("targets/t/t.txt")
+    project.build("-B", "t", "u")
+    after = project.read("targets/t/t.txt")
+    assert after != before and project.read("targets/u/u.txt") == after
+    state = json.loads(project.read(".tunecache/state/t.json"))
+    entry = json.loads(project.read(f".tunecache/ac/{state['key'][:2]}/{state['key']}.json"))
+    assert state["tree"] == entry["tree"]
+    assert "nothing to do" in project.build().stdout
+
+
+def _eval_maker(name):
+    return (f'[target.{name}]\nkind = "command"\n'
+            'cmd = "mkdir -p {out}/sub; cp ev/* {out}/; cp ev/* {out}/sub/"\ndeps = ["ev"]\n')
+
+
+def test_report_rows_of_evals_with_identical_outputs_keep_their_names(project):
+    _write_eval(project.root / "ev", 0.5)
+    project.tunefile(_eval_maker("e1") + _eval_maker("e2") + """
+        [target.rep]
+        kind = "report"
+        evals = ["e1", "e2"]
+        baseline = "e2"
+        [target.sub]
+        kind = "report"
+        evals = ["e1/sub", "e2/sub"]
+        baseline = "e2/sub"
+        """)
+    project.build()
+    for name, evals in (("rep", ["e1", "e2"]), ("sub", ["e1/sub", "e2/sub"])):
+        report = json.loads(project.read(f"targets/{name}/report.json"))
+        assert [row["eval"] for row in report["rows"]] == evals
+        assert report["baseline"] == evals[1]
+
+
+def test_a_cache_tag_of_another_tool_is_not_ours(project):
+    project.write("target/tmp/fixtures/data", "precious\n")
+    project.write("target/CACHEDIR.TAG", "Signature: 8a477f597d28d172789f06886806bc55\n# created by cargo.\n")
+    project.tunefile("""
+        [cache]
+        dir = "target"
+        [target.a]
+        kind = "command"
+        cmd = "echo a > {out}/o"
+        """)
+    for args in (["build", "--plain"], ["cache", "gc"]):
+        proc = project.run(*args, check=False)
+        assert proc.returncode == 2 and "already holds other files" in proc.stderr, proc.stderr
+    assert project.read("target/tmp/fixtures/data") == "precious\n"
+
+
+def test_a_python_step_interrupted_by_its_own_code_is_one_line(project):
+    project.write("mod.py", "def make(ctx):\n    raise KeyboardInterrupt\n")
+    project.tunefile("""
+        [target.py]
+        kind = "python"
+        function = "mod:make"
+        """)
+    proc = project.build(check=False)
+    assert proc.returncode == 1
+    _no_traceback(proc)
+    assert "failed  py  (KeyboardInterrupt (exit status 1" in proc.stdout, proc.stdout

@@ -176,8 +176,10 @@ class Engine:
         except OSError:
             pass
 
-    def restore(self, name: str, key: str, parts: dict, entry: dict) -> bool:
-        """Materialize a cached action into targets/NAME; False if a blob is missing."""
+    def restore(self, name: str, key: str, parts: dict, entry: dict, fresh: bool = False) -> bool:
+        """Materialize a cached action into targets/NAME; False if a blob is missing. `fresh`: the
+        step just ran (-B, --no-cache: perhaps to other bytes), so targets/NAME gets its outputs
+        even if it already holds the key's (steps read views, never targets/, so this is safe)."""
         if not self.store.action_complete(entry):
             self.store.drop_action(key)
             return False
@@ -188,7 +190,7 @@ class Engine:
         lock = FileLock(self.store.lock_path(f"target-{name}"))
         lock.acquire()
         try:
-            if self.check_current(name, key):
+            if not fresh and self.check_current(name, key):
                 return True  # another build materialized it meanwhile
             record = self.store.materialize(entry["outputs"], self.project.output_dir(name))
             self.store.put_state(name, {

@@ -85,25 +85,36 @@ class InputViews:
 
         dirs, placed = {}, {}
         for name, manifest in deps.items():
-            tree = tree_digest(manifest)
+            # per dependency as well as per tree: two dependencies with identical outputs keep
+            # their own folders, so a step can still tell them apart by path (the report kind does)
+            tree = (name, tree_digest(manifest))
             view = self._views.get(tree)
-            if view is None or not _unchanged(*view):
+            if view is None or view_changed(*view, manifest, rehash=False):
                 self._made += 1
-                dest = self.folder() / f"{self._made}-{tree[:16]}"
+                dest = self.folder() / f"{self._made}-{name}"
                 view = self._views[tree] = (dest, self.store.link_view(manifest, dest))
             dirs[name], placed[name] = view
         return dirs, placed
 
 
-def _unchanged(folder: Path, placed: dict) -> bool:
+def view_changed(folder: Path, placed: dict, manifest: dict, rehash: bool = True) -> bool:
+    """Whether a view differs from how it was linked: a file added, removed or rewritten. A file
+    whose only change is its ctime (an edit that put the mtime back, or just a new hardlink to the
+    same blob) is re-hashed with `rehash`, else counted as changed."""
+    from tunemake.hashing import hash_file
+
+    if sum(len(files) for _root, _dirs, files in os.walk(folder)) != len(placed):
+        return True
     for rel, (ino, size, mtime_ns, ctime_ns) in placed.items():
         try:
             st = os.stat(folder / rel)
         except OSError:
-            return False
-        if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (ino, size, mtime_ns, ctime_ns):
-            return False
-    return True
+            return True
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != (ino, size, mtime_ns):
+            return True
+        if st.st_ctime_ns != ctime_ns and (not rehash or hash_file(folder / rel) != manifest[rel]["digest"]):
+            return True
+    return False
 
 
 @dataclass
@@ -120,20 +131,8 @@ def input_changes(watch: InputWatch, changed_since) -> list[str]:
     `changed_since(path, hashed)` tells whether a source differs from how it was hashed. A view
     file whose only change is its ctime (an in-place edit that put the mtime back, or a new
     hardlink to the same blob) is re-hashed to tell."""
-    from tunemake.hashing import hash_file
-
-    changed = []
-    for name, (folder, placed, manifest) in watch.views.items():
-        for rel, (ino, size, mtime_ns, ctime_ns) in placed.items():
-            try:
-                st = os.stat(folder / rel)
-            except OSError:
-                changed.append(f"dependency {name}")
-                break
-            if (st.st_ino, st.st_size, st.st_mtime_ns) != (ino, size, mtime_ns) or (
-                    st.st_ctime_ns != ctime_ns and hash_file(folder / rel) != manifest[rel]["digest"]):
-                changed.append(f"dependency {name}")
-                break
+    changed = [f"dependency {name}" for name, (folder, placed, manifest) in watch.views.items()
+               if view_changed(folder, placed, manifest)]
     for label, (path, hashed) in watch.files.items():
         if changed_since(path, hashed):
             changed.append(label)

@@ -12,6 +12,7 @@ import json
 import os
 import posixpath
 import shutil
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from tunemake.errors import UserError
@@ -120,7 +121,7 @@ class Remote:
         data = json.dumps(entry, sort_keys=True).encode()
         folder = self._path("ac", key[:2])
         final = posixpath.join(folder, f"{key}.json")
-        tmp = f"{final}.tmp-{os.getpid()}"
+        tmp = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         # written aside, then moved: a reader never sees half an entry, and whatever sat there
         # (a torn entry, a FIFO that would block a write forever) is replaced, not written into
         self._guard("write action", lambda: self.fs.makedirs(folder, exist_ok=True))
@@ -188,7 +189,7 @@ class Remote:
             if not intact(digest):
                 corrupt.append(digest)
                 return
-            tmp = f"{target}.tmp-{os.getpid()}"
+            tmp = f"{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             self._guard("upload", lambda: self.fs.makedirs(posixpath.dirname(target), exist_ok=True))
             self._guard("upload", lambda: self.fs.put_file(str(files[digest]), tmp))
             self._guard("upload", lambda: self.fs.mv(tmp, target))  # replaces a damaged blob

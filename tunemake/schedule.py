@@ -312,7 +312,7 @@ class Scheduler:
         try:
             manifest = step.collect(store)
             entry = self.engine.record(name, key, parts, manifest, log, step.started)
-            self.engine.restore(name, key, parts, entry)
+            self.engine.restore(name, key, parts, entry, fresh=True)
         except (OSError, RuntimeError, ValueError) as exc:
             self._fail(name, f"could not collect outputs: {_one_line(exc)}", key=key)
             return

@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
     print(f"[tunemake] {spec['target']}: {spec['module']} started", flush=True)
     try:
         module.run(params, ctx)
-    except Exception as exc:  # noqa: BLE001 - any failure of the step: traceback to the log, one line to the console
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - traceback to the log, one line to the console
         traceback.print_exc()
         _write_error(spec.get("error_file"), one_line(exc))
         return 1

@@ -41,7 +41,12 @@ def looks_like_a_cache(folder: Path) -> bool:
         names = set(os.listdir(folder))
     except OSError:
         return True  # unreadable: the store's own errors will say so
-    return not names or CACHEDIR_TAG in names or {"cas", "ac"} <= names
+    if CACHEDIR_TAG in names:  # cargo, ccache and others write this tag too: only ours will do
+        try:
+            return "tunemake" in (folder / CACHEDIR_TAG).read_text(errors="replace")
+        except OSError:
+            return False
+    return not names or {"cas", "ac"} <= names
 
 
 class Store:
@@ -258,9 +263,8 @@ class Store:
     def link_view(self, manifest: dict[str, dict], dest: Path) -> dict[str, list]:
         """A step's private copy of a dependency's outputs: blobs reflinked or hardlinked (copied
         only when neither works, or the executable bit differs), never shared with targets/.
-        The files are read-only (binding for other users, advisory for root: an in-place edit is
-        caught afterwards by the stats recorded here)."""
-        record: dict[str, list] = {}
+        Files and folders are read-only (binding for other users, advisory for root: an edit, or
+        a file added, is caught afterwards by `view_changed` against the stats recorded here)."""
         dest.mkdir(parents=True)  # an output with no files is an empty folder
         made = {dest}
         for rel, entry in manifest.items():
@@ -268,21 +272,23 @@ class Store:
             _make_parent(target, made)
             blob = self.blob_path(entry["digest"])
             x = bool(entry.get("x", False))
-            st = None
             if self._reflink_ok is not False and self._reflink(blob, target):
                 os.chmod(target, 0o555 if x else 0o444)
-            else:
-                blob_st = os.stat(blob)
-                if bool(blob_st.st_mode & stat.S_IXUSR) == x:
-                    try:
-                        os.link(blob, target)
-                        st = os.stat(target)  # the blob's inode, with the ctime the new link gave it
-                    except OSError:
-                        pass
-                if st is None:
-                    shutil.copyfile(blob, target)
-                    os.chmod(target, 0o555 if x else 0o444)
-            st = st or os.stat(target)
+                continue
+            if bool(os.stat(blob).st_mode & stat.S_IXUSR) == x:
+                try:
+                    os.link(blob, target)
+                    continue
+                except OSError:
+                    pass
+            shutil.copyfile(blob, target)
+            os.chmod(target, 0o555 if x else 0o444)
+        for folder in made:
+            os.chmod(folder, 0o555)
+        # stats after every link: two files of one content share an inode, whose ctime each link moves
+        record: dict[str, list] = {}
+        for rel in manifest:
+            st = os.stat(dest / rel)
             record[rel] = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
         return record
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from html import escape
 from pathlib import Path
 
@@ -29,7 +30,8 @@ class Params(BaseModel):
 
 
 def validate(params: Params, project_dir) -> None:
-    if params.baseline is not None and params.baseline not in params.evals:
+    # evals here lack paths inside other targets' outputs (`e2/sub`): such a baseline is checked at run time
+    if params.baseline is not None and params.baseline not in params.evals and "/" not in params.baseline:
         raise ValueError(f"baseline: {params.baseline!r} is not one of evals {params.evals}")
     if len(set(params.evals)) != len(params.evals):
         raise ValueError("evals: an eval is listed twice")
@@ -51,11 +53,10 @@ def run(params: Params, ctx) -> None:
     if params.baseline is None:
         baseline = rows[0]
     else:
-        # params.evals arrive as paths; baseline is still the name the tunefile gave
-        wanted = Path(ctx.deps[params.baseline]) if params.baseline in ctx.deps else project_dir / params.baseline
-        matches = [row for path, row in zip(params.evals, rows) if (project_dir / path).resolve() == wanted.resolve()]
+        # params.evals arrive as paths, labelled as the tunefile names them; baseline is such a name
+        matches = [row for row in rows if row["eval"] == os.path.normpath(params.baseline)]
         if not matches:
-            raise ValueError(f"baseline: {params.baseline!r} is not one of evals")
+            raise ValueError(f"baseline: {params.baseline!r} is not one of evals ({', '.join(r['eval'] for r in rows)})")
         baseline = matches[0]
 
     by_model = {row["model"]: row for row in rows}
