@@ -728,3 +728,67 @@ def test_a_python_step_interrupted_by_its_own_code_is_one_line(project):
     assert proc.returncode == 1
     _no_traceback(proc)
     assert "failed  py  (KeyboardInterrupt (exit status 1" in proc.stdout, proc.stdout
+
+
+# -- siblings found by a third review ---------------------------------------------------------------
+def test_a_file_a_step_adds_to_its_view_and_removes_again_reaches_no_other_step(project):
+    project.tunefile("""
+        [target.dep]
+        kind = "command"
+        cmd = "echo f > {out}/f"
+        [target.s1]
+        kind = "command"
+        deps = ["dep"]
+        cmd = "touch {deps.dep}/extra; touch s1-started; sleep 1; rm {deps.dep}/extra; echo ok > {out}/o"
+        [target.s2]
+        kind = "command"
+        deps = ["dep"]
+        cmd = "while [ ! -e s1-started ]; do sleep 0.02; done; ls {deps.dep} > {out}/o"
+        """)
+    proc = project.build("-k", "-j", "2", "s1", "s2", check=False)
+    assert "nothing" not in proc.stdout
+    if (project.root / "targets/s2/o").exists():
+        assert project.read("targets/s2/o") == "f\n", proc.stdout  # never `extra`
+    assert "failed  s1  (dependency dep changed while the step ran" in proc.stdout, proc.stdout
+
+
+def test_a_view_made_after_an_in_place_edit_of_the_blob_is_refused(project):
+    project.tunefile("""
+        [target.dep]
+        kind = "command"
+        cmd = "head -c 1500000 /dev/zero > {out}/big"
+        [target.s1]
+        kind = "command"
+        deps = ["dep"]
+        cmd = "f={deps.dep}/big; chmod u+w $f; printf DIRTY | dd of=$f conv=notrunc 2>/dev/null; echo > {out}/o"
+        [target.s2]
+        kind = "command"
+        deps = ["dep", "s1"]
+        cmd = "head -c 5 {deps.dep}/big | od -c > {out}/o"
+        """)
+    project.build("-k", check=False)
+    if (project.root / "targets/s2/o").exists():
+        assert "D   I   R" not in project.read("targets/s2/o")
+    project.write("tunefile.toml", project.read("tunefile.toml").replace(
+        "chmod u+w $f; printf DIRTY | dd of=$f conv=notrunc 2>/dev/null; ", ""))
+    project.build()
+    assert "D   I   R" not in project.read("targets/s2/o")
+    assert (project.root / "targets/dep/big").read_bytes() == b"\0" * 1500000
+
+
+def test_no_folder_above_a_view_or_an_output_changes_mode(project):
+    project.tunefile("""
+        [target.dep]
+        kind = "command"
+        cmd = "mkdir -p {out}/a/b && echo x > {out}/a/b/f"
+        [target.use]
+        kind = "command"
+        deps = ["dep"]
+        cmd = "cat {deps.dep}/a/b/f > {out}/o"
+        """)
+    ancestors = [project.root, *project.root.parents]
+    before = {p: os.stat(p).st_mode for p in ancestors}
+    project.build()
+    assert project.read("targets/use/o") == "x\n"
+    assert {p: os.stat(p).st_mode for p in ancestors} == before
+    assert os.stat(project.root / ".tunecache").st_mode & 0o200 and os.stat(project.root / ".tunecache/tmp").st_mode & 0o200

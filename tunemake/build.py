@@ -134,14 +134,16 @@ class Engine:
     def components(self, name: str, trees: dict[str, str]) -> dict:
         return keys.components(self.project, self.project.targets[name], trees, self.hasher)
 
-    def check_current(self, name: str, key: str, repair: bool = True, state: dict | None = None) -> dict | None:
+    def check_current(self, name: str, key: str, repair: bool = True, state: dict | None = None,
+                      holding_lock: bool = False) -> dict | None:
         """The target's state if targets/NAME holds this key's outputs untouched, else None.
 
         A materialized file whose only change is its ctime is re-hashed (an in-place edit can put
         the mtime back). A file that changed is checked against its blob: with hardlinks an
         in-place edit reaches the blob too; the key of a damaged blob goes into `self.damaged`,
-        and with `repair` the blob and the action entry that needs it are dropped. `state`: the
-        record, if the caller has read it."""
+        and with `repair` the blob and the action entry that needs it are dropped (and re-hashed
+        files have their new ctime recorded). `state`: the record, if the caller has read it;
+        `holding_lock`: the caller holds the target's lock."""
         state = state or self.store.get_state(name)
         if not state or state.get("key") != key:
             return None
@@ -149,9 +151,10 @@ class Engine:
         out = self.project.output_dir(name)
         changed, touched = self.store.intact(record, out)
         if touched and not changed:
+            before = {rel: _stamp(out / rel) for rel in touched}
             changed = [rel for rel in touched if not _same_content(out / rel, state["outputs"][rel]["digest"])]
-            if not changed:
-                self._refresh_record(name, state, out, touched)
+            if not changed and repair:
+                self._refresh_record(name, state, out, before, holding_lock)
         if not changed:
             return state
         for rel in changed:
@@ -162,17 +165,27 @@ class Engine:
                         self.store.drop_action(key)
         return None
 
-    def _refresh_record(self, name: str, state: dict, out: Path, touched: list[str]) -> None:
+    def _refresh_record(self, name: str, state: dict, out: Path, before: dict, holding_lock: bool) -> None:
         """Re-hashed files are fine: remember their new ctime, so the next build need not re-hash.
-        Best effort (a read-only cache, a concurrent build): only a speed-up."""
-        try:
-            for rel in touched:
-                st = os.stat(out / rel)
+        Only if nothing moved since they were stamped before hashing, and the record on disk is
+        still the one that was checked. Best effort (a read-only cache): only a speed-up."""
+        def refresh() -> None:
+            if self.store.get_state(name) != state:
+                return  # another build wrote a new record meanwhile
+            updated = {**state, "materialized": dict(state["materialized"])}
+            for rel, stamp in before.items():
+                if stamp is None or _stamp(out / rel) != stamp:
+                    return
                 placed = state["materialized"][rel]
-                state["materialized"][rel] = [st.st_ino, st.st_size, st.st_mtime_ns, placed[3], st.st_ctime_ns]
-            with locked(self.store.lock_path(f"target-{name}")):
-                if (self.store.get_state(name) or {}).get("key") == state["key"]:
-                    self.store.put_state(name, state)
+                updated["materialized"][rel] = [*stamp[:3], placed[3], stamp[3]]
+            self.store.put_state(name, updated)
+
+        try:
+            if holding_lock:
+                refresh()
+            else:
+                with locked(self.store.lock_path(f"target-{name}")):
+                    refresh()
         except OSError:
             pass
 
@@ -190,7 +203,7 @@ class Engine:
         lock = FileLock(self.store.lock_path(f"target-{name}"))
         lock.acquire()
         try:
-            if not fresh and self.check_current(name, key):
+            if not fresh and self.check_current(name, key, holding_lock=True):
                 return True  # another build materialized it meanwhile
             record = self.store.materialize(entry["outputs"], self.project.output_dir(name))
             self.store.put_state(name, {
@@ -344,6 +357,14 @@ def _rel(path: Path) -> str:
         return os.path.relpath(path)
     except ValueError:
         return str(path)
+
+
+def _stamp(path: Path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _same_content(path: Path, digest: str) -> bool:

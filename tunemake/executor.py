@@ -76,7 +76,7 @@ class InputViews:
     def __init__(self, store, folder):
         self.store = store
         self.folder = folder  # () -> the build's folder for views
-        self._views: dict[str, tuple[Path, dict]] = {}  # tree digest -> (folder, what was linked)
+        self._views: dict[tuple, tuple[Path, tuple]] = {}  # (dep, tree) -> (folder, (file stats, folder stats))
         self._made = 0
 
     def link(self, deps: dict[str, dict]) -> tuple[dict[str, Path], dict[str, dict]]:
@@ -89,7 +89,14 @@ class InputViews:
             # their own folders, so a step can still tell them apart by path (the report kind does)
             tree = (name, tree_digest(manifest))
             view = self._views.get(tree)
-            if view is None or view_changed(*view, manifest, rehash=False):
+            if view is not None and view_changed(view[0], view[1], manifest, rehash=False):
+                # a step wrote into it: the blobs it links may be damaged too (an in-place edit
+                # through a hardlink); a damaged one is dropped, and this step fails
+                for entry in manifest.values():
+                    if not self.store.verify_blob(entry["digest"]):
+                        raise RuntimeError(f"the cached outputs of {name} were changed by a step; build again")
+                view = None
+            if view is None:
                 self._made += 1
                 dest = self.folder() / f"{self._made}-{name}"
                 view = self._views[tree] = (dest, self.store.link_view(manifest, dest))
@@ -97,15 +104,24 @@ class InputViews:
         return dirs, placed
 
 
-def view_changed(folder: Path, placed: dict, manifest: dict, rehash: bool = True) -> bool:
-    """Whether a view differs from how it was linked: a file added, removed or rewritten. A file
-    whose only change is its ctime (an edit that put the mtime back, or just a new hardlink to the
-    same blob) is re-hashed with `rehash`, else counted as changed."""
+def view_changed(folder: Path, placed: tuple[dict, dict], manifest: dict, rehash: bool = True) -> bool:
+    """Whether a view differs from how it was linked: a file added (even for a moment: its folder's
+    mtime moved), removed or rewritten. A file whose only change is its ctime (an edit that put the
+    mtime back, or just a new hardlink to the same blob) is re-hashed with `rehash`, else counted
+    as changed."""
     from tunemake.hashing import hash_file
 
-    if sum(len(files) for _root, _dirs, files in os.walk(folder)) != len(placed):
+    files, folders = placed
+    for rel, (mtime_ns, ctime_ns) in folders.items():
+        try:
+            st = os.stat(folder / rel)
+        except OSError:
+            return True
+        if (st.st_mtime_ns, st.st_ctime_ns) != (mtime_ns, ctime_ns):
+            return True
+    if sum(len(names) for _root, _dirs, names in os.walk(folder)) != len(files):
         return True
-    for rel, (ino, size, mtime_ns, ctime_ns) in placed.items():
+    for rel, (ino, size, mtime_ns, ctime_ns) in files.items():
         try:
             st = os.stat(folder / rel)
         except OSError:
@@ -121,7 +137,7 @@ def view_changed(folder: Path, placed: dict, manifest: dict, rehash: bool = True
 class InputWatch:
     """Every input file as the key saw it, to compare with after the step."""
 
-    views: dict[str, tuple[Path, dict, dict]] = field(default_factory=dict)  # dep -> (folder, {rel: stat}, manifest)
+    views: dict[str, tuple[Path, tuple, dict]] = field(default_factory=dict)  # dep -> (folder, link_view's stats, manifest)
     files: dict[str, tuple[Path, dict]] = field(default_factory=dict)  # source or code file -> (path, as hashed)
 
 

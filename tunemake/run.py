@@ -64,7 +64,7 @@ class RunningStep:
     _code: int | None = None
     pidfd: int | None = None  # readable once the step exits (Linux pidfd); None where unsupported
     real_out: str = ""  # the output folder's resolved path at the start: outputs are taken only from there
-    views: dict = field(default_factory=dict)  # dependency -> (its private folder, what was linked there)
+    views: dict = field(default_factory=dict)  # dependency -> (its view folder, (file stats, folder stats), manifest)
 
     def poll(self) -> int | None:
         if self._code is None and self.proc.poll() is not None:
@@ -163,12 +163,10 @@ class LocalExecutor:
     Each step reads its dependencies from private links to their blobs (tunemake.executor)."""
 
     def __init__(self, project_dir: Path, store):
-        from tunemake.executor import InputViews
-
         self.project_dir = project_dir
         self.store = store
         self._views_dir: Path | None = None
-        self.views = InputViews(store, self._views_folder)
+        self.input_views = None  # tunemake.executor.InputViews, made by the first step (not on the no-op path)
 
     def _views_folder(self) -> Path:
         if self._views_dir is None:
@@ -189,9 +187,11 @@ class LocalExecutor:
         return visible_gpus()
 
     def start(self, spec, tmp: Path, gpus: list[str]) -> RunningStep:
-        from tunemake.executor import resolve_params
+        from tunemake.executor import InputViews, resolve_params
 
-        dep_dirs, placed = self.views.link(spec.deps)
+        if self.input_views is None:
+            self.input_views = InputViews(self.store, self._views_folder)
+        dep_dirs, placed = self.input_views.link(spec.deps)
         params = resolve_params(spec, self.project_dir, dep_dirs)
         step = start(spec.target, spec.module, params, self.project_dir, dep_dirs, tmp, gpus)
         step.views = {name: (dep_dirs[name], placed[name], spec.deps[name]) for name in placed}

@@ -302,9 +302,9 @@ class Scheduler:
         moved = input_changes(watch, lambda path, hashed: self.engine.hasher.changed_since(path, hashed, skip))
         if moved:
             # the step may have read the inputs half old, half new: its outputs belong to no key
-            for dep_name, (_folder, placed, _manifest) in watch.views.items():
+            for dep_name, (_folder, (files, _folders), _manifest) in watch.views.items():
                 if f"dependency {dep_name}" in moved:
-                    for rel in placed:
+                    for rel in files:
                         store.verify_blob(self.manifests[dep_name][rel]["digest"])  # drops a damaged blob
             self._fail(name, f"{moved[0]} changed while the step ran; its outputs were discarded: build again",
                        key=key)
@@ -312,7 +312,9 @@ class Scheduler:
         try:
             manifest = step.collect(store)
             entry = self.engine.record(name, key, parts, manifest, log, step.started)
-            self.engine.restore(name, key, parts, entry, fresh=True)
+            if not self.engine.restore(name, key, parts, entry, fresh=True):
+                raise RuntimeError("an output changed after the step exited (a background process "
+                                   "of the step still writing?)")
         except (OSError, RuntimeError, ValueError) as exc:
             self._fail(name, f"could not collect outputs: {_one_line(exc)}", key=key)
             return

@@ -247,35 +247,40 @@ class Store:
         staging.mkdir(parents=True)
         record: dict[str, list] = {}
         try:
-            made = {staging}
+            made, how = {staging}, {}
             for rel, entry in manifest.items():
                 target = staging / rel
-                _make_parent(target, made)
-                how = self._place(self.blob_path(entry["digest"]), target, entry["size"], entry.get("x", False))
-                st = os.stat(target)
-                record[rel] = [st.st_ino, st.st_size, st.st_mtime_ns, how, st.st_ctime_ns]
+                _make_parent(target, made, staging)
+                how[rel] = self._place(self.blob_path(entry["digest"]), target, entry["size"], entry.get("x", False))
+            for rel in manifest:  # after every link: files of one content share an inode, whose ctime each link moves
+                st = os.stat(staging / rel)
+                record[rel] = [st.st_ino, st.st_size, st.st_mtime_ns, how[rel], st.st_ctime_ns]
             swap_dir(staging, dest, owner_token())
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return record
 
-    def link_view(self, manifest: dict[str, dict], dest: Path) -> dict[str, list]:
+    def link_view(self, manifest: dict[str, dict], dest: Path) -> tuple[dict[str, list], dict[str, list]]:
         """A step's private copy of a dependency's outputs: blobs reflinked or hardlinked (copied
         only when neither works, or the executable bit differs), never shared with targets/.
-        Files and folders are read-only (binding for other users, advisory for root: an edit, or
-        a file added, is caught afterwards by `view_changed` against the stats recorded here)."""
+        Files and folders are read-only (binding for other users, advisory for root): returns the
+        stats of the files and of the folders, which `executor.view_changed` compares with later
+        (a file edited, or one added even for a moment, moves them)."""
         dest.mkdir(parents=True)  # an output with no files is an empty folder
         made = {dest}
         for rel, entry in manifest.items():
             target = dest / rel
-            _make_parent(target, made)
+            _make_parent(target, made, dest)
             blob = self.blob_path(entry["digest"])
             x = bool(entry.get("x", False))
+            blob_st = os.stat(blob)
+            if blob_st.st_size != entry["size"]:  # appended to since it was stored
+                raise RuntimeError(f"the cached bytes of {rel} were changed; build again")
             if self._reflink_ok is not False and self._reflink(blob, target):
                 os.chmod(target, 0o555 if x else 0o444)
                 continue
-            if bool(os.stat(blob).st_mode & stat.S_IXUSR) == x:
+            if bool(blob_st.st_mode & stat.S_IXUSR) == x:
                 try:
                     os.link(blob, target)
                     continue
@@ -283,14 +288,19 @@ class Store:
                     pass
             shutil.copyfile(blob, target)
             os.chmod(target, 0o555 if x else 0o444)
-        for folder in made:
+        folders = {}
+        for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):
+            assert folder == dest or dest in folder.parents  # never a folder above the view
             os.chmod(folder, 0o555)
+        for folder in made:
+            st = os.stat(folder)
+            folders[str(folder.relative_to(dest))] = [st.st_mtime_ns, st.st_ctime_ns]
         # stats after every link: two files of one content share an inode, whose ctime each link moves
-        record: dict[str, list] = {}
+        files: dict[str, list] = {}
         for rel in manifest:
             st = os.stat(dest / rel)
-            record[rel] = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-        return record
+            files[rel] = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        return files, folders
 
     @staticmethod
     def intact(record: dict[str, list], dest: Path) -> tuple[list[str], list[str]]:
@@ -354,7 +364,9 @@ class Store:
 
     @staticmethod
     def _ensure_dir(folder: Path) -> None:
-        if not os.path.isdir(folder):  # a stat first: on some filesystems a mkdir costs 50x more
+        if not is_real_dir(folder):  # an lstat first: on some filesystems a mkdir costs 50x more
+            if os.path.lexists(folder):  # a file or a symlink where our folder should be: never followed
+                os.unlink(folder)
             folder.mkdir(parents=True, exist_ok=True)
 
 
@@ -400,11 +412,12 @@ def _checked(check, record: dict | None) -> dict | None:
     return record
 
 
-def _make_parent(path: Path, made: set[Path]) -> None:
-    """The folder of a file being placed in a fresh tree, made once (`made`: folders made so far)."""
+def _make_parent(path: Path, made: set[Path], root: Path) -> None:
+    """The folder of a file being placed in a fresh tree under `root`, made once (`made`: the
+    folders of the tree made so far; never a folder above `root`)."""
     if path.parent not in made:
         path.parent.mkdir(parents=True, exist_ok=True)
-        made.update(path.parents)
+        made.update(p for p in path.parents if p == root or root in p.parents)
 
 
 def _clear_blob_slot(dst: Path) -> None:

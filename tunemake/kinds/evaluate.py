@@ -53,7 +53,7 @@ class Params(BaseModel):
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(default=None, description="default: the checkpoint's")
     apply_chat_template: bool = False
-    log_samples: bool = False
+    log_samples: bool = True  # per-document results: what the report's paired statistics need
 
     @model_validator(mode="after")
     def _check(self):

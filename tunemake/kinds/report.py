@@ -16,9 +16,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunemake.kinds import paired
+
 INPUTS = ("evals", "samples")
 PACKAGES = ("python",)
-CODE = ("tunemake.kinds.model_inputs",)
+CODE = ("tunemake.kinds.model_inputs", "tunemake.kinds.paired")
 
 
 class Params(BaseModel):
@@ -79,11 +81,58 @@ def run(params: Params, ctx) -> None:
             entry["delta"] = None if base is None else entry["value"] - base["value"]
 
     out = Path(ctx.out)
-    report = {"title": params.title, "baseline": baseline["eval"], "metrics": metrics, "rows": rows}
+    report = {"title": params.title, "baseline": baseline["eval"], "metrics": metrics, "rows": rows,
+              "alpha": paired.ALPHA, "paired": paired_rows(rows, baseline)}
+    for row in rows:
+        row.pop("samples")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report), encoding="utf-8")
     (out / "report.svg").write_text(svg(report), encoding="utf-8")
     print(markdown(report), flush=True)
+
+
+def paired_rows(rows: list[dict], baseline: dict) -> list[dict]:
+    """Each variant against the baseline, metric by metric, on the documents both scored (they
+    must be the same documents: unpaired data compared as paired would be a wrong answer)."""
+    found = []
+    for row in rows:
+        if row is baseline:
+            continue
+        for metric, values in row["samples"].items():
+            base = baseline["samples"].get(metric)
+            if base is None:
+                continue
+            if set(base) != set(values):
+                common = len(set(base) & set(values))
+                raise ValueError(
+                    f"evals: {row['eval']} and {baseline['eval']} scored different documents for {metric} "
+                    f"({len(values)} and {len(base)}, {common} in common); paired statistics need the same "
+                    "documents (the same tasks, limit and num_fewshot)")
+            higher = baseline["higher_is_better"].get(metric, True)
+            found.append({"eval": row["eval"], "metric": metric, **paired.compare(base, values, higher)})
+    paired.verdicts(found)
+    return found
+
+
+def read_samples(folder: Path) -> dict[str, dict]:
+    """{metric (named as in the metrics table): {doc_id: value}} from an eval's per-sample logs."""
+    found: dict[str, dict] = {}
+    for path in sorted((folder / "samples").glob("*.jsonl")):
+        task = path.stem  # the eval kind writes samples/TASK.jsonl
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            sample = json.loads(line)
+            for metric in sample.get("metrics", []):
+                value = sample.get(metric)
+                if isinstance(value, (bool, int, float)) and math.isfinite(value):
+                    name = metric_name(task, metric, sample.get("filter", "none"))
+                    found.setdefault(name, {})[str(sample["doc_id"])] = float(value)
+    return found
+
+
+def metric_name(task: str, metric: str, filter_name: str) -> str:
+    return f"{task} {metric}" + ("" if filter_name == "none" else f" ({filter_name})")
 
 
 def read_eval(folder: Path, label: str) -> dict:
@@ -92,15 +141,17 @@ def read_eval(folder: Path, label: str) -> dict:
         raise ValueError(f"evals: {label} is not an eval output (no results.json and checkpoint.json in {folder})")
     results = json.loads(results_file.read_text())
     checkpoint = json.loads(checkpoint_file.read_text())
-    metrics = {}
+    metrics, higher_is_better = {}, {}
     for task, values in results.get("results", {}).items():
         for key, value in values.items():
             if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):
                 continue
             metric, filter_name = key.split(",", 1)
             stderr = values.get(f"{metric}_stderr,{filter_name}")
-            name = f"{task} {metric}" + ("" if filter_name == "none" else f" ({filter_name})")
+            name = metric_name(task, metric, filter_name)
             metrics[name] = {"value": value, "stderr": stderr if isinstance(stderr, (int, float)) else None}
+            higher = (results.get("higher_is_better", {}).get(task) or {}).get(metric)
+            higher_is_better[name] = higher if isinstance(higher, bool) else True
     return {
         "eval": label,
         "model": checkpoint["model"],
@@ -110,6 +161,8 @@ def read_eval(folder: Path, label: str) -> dict:
         "time_to_first_token_s": None,
         "speed_from": None,
         "metrics": metrics,
+        "higher_is_better": higher_is_better,
+        "samples": read_samples(folder),
     }
 
 
@@ -160,6 +213,25 @@ def markdown(report: dict) -> str:
                 f"| {row['eval']} | {number(entry['value'])} | {number(entry['stderr'])} | "
                 f"{number(entry['delta'], signed=True)} |"
             )
+    lines += ["", "## Paired against the baseline", ""]
+    if report["paired"]:
+        lines += [
+            f"Per document, on the documents both scored. p: McNemar's exact test for 0/1 metrics, a "
+            f"paired sign-flip test otherwise; Holm-corrected over the rows below; verdicts at alpha "
+            f"{report['alpha']}. The interval is a paired bootstrap 95% interval of the change.",
+            "",
+            "| eval | metric | n | change | 95% interval | right → wrong | wrong → right | agreement | p (Holm) | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for p in report["paired"]:
+            flips = ("–", "–") if p["right_to_wrong"] is None else (p["right_to_wrong"], p["wrong_to_right"])
+            lines.append(
+                f"| {p['eval']} | {p['metric']} | {p['n']} | {number(p['delta'], signed=True)} | "
+                f"[{number(p['ci95'][0], signed=True)}, {number(p['ci95'][1], signed=True)}] | {flips[0]} | "
+                f"{flips[1]} | {p['agreement']:.3f} | {p['p_holm']:.3g} | {p['verdict']} |"
+            )
+    else:
+        lines.append("No per-sample logs to pair (the evals need `log_samples = true`, the default).")
     return "\n".join(lines) + "\n"
 
 
