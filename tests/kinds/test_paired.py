@@ -111,3 +111,23 @@ def test_report_refuses_evals_of_different_documents(tmp_path):
     proc = p.build(check=False)
     assert proc.returncode == 1
     assert "scored different documents for t acc (40 and 20, 20 in common)" in proc.stdout, proc.stdout
+
+
+def test_divergence_of_multiple_choice_answers(tmp_path):
+    p = Project(tmp_path)
+    base_lls = {0: [-1.0, -2.0, -3.0], 1: [-0.5, -0.6, -4.0]}
+    variant_lls = {0: [-1.0, -2.0, -3.0], 1: [-0.7, -0.4, -4.0]}  # doc 1's top choice moves
+    for name, lls in (("base", base_lls), ("var", variant_lls)):
+        folder = tmp_path / "ev" / name
+        _eval_output(folder, {d: int(v[0] == max(v)) for d, v in lls.items()})
+        lines = [json.dumps({"doc_id": d, "filter": "none", "metrics": ["acc"], "acc": int(v[0] == max(v)),
+                             "filtered_resps": [[ll, False] for ll in v]}) for d, v in lls.items()]
+        (folder / "samples" / "t.jsonl").write_text("\n".join(lines) + "\n")
+    p.tunefile('[target.report]\nkind = "report"\nevals = ["ev/base", "ev/var"]\n')
+    p.build()
+    [row] = json.loads(p.read("targets/report/report.json"))["divergence"]
+    softmax = lambda v: np.exp(v) / np.exp(v).sum()  # noqa: E731
+    expected = np.mean([stats.entropy(softmax(np.array(base_lls[d])), softmax(np.array(variant_lls[d])))
+                        for d in (0, 1)])
+    assert row["mean_kl"] == pytest.approx(expected, rel=1e-9)
+    assert row["top_choice_agreement"] == 0.5 and row["n"] == 2

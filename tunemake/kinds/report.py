@@ -82,9 +82,11 @@ def run(params: Params, ctx) -> None:
 
     out = Path(ctx.out)
     report = {"title": params.title, "baseline": baseline["eval"], "metrics": metrics, "rows": rows,
-              "alpha": paired.ALPHA, "paired": paired_rows(rows, baseline)}
+              "alpha": paired.ALPHA, "paired": paired_rows(rows, baseline),
+              "divergence": divergence_rows(rows, baseline)}
     for row in rows:
         row.pop("samples")
+        row.pop("choices")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report), encoding="utf-8")
     (out / "report.svg").write_text(svg(report), encoding="utf-8")
@@ -114,21 +116,71 @@ def paired_rows(rows: list[dict], baseline: dict) -> list[dict]:
     return found
 
 
-def read_samples(folder: Path) -> dict[str, dict]:
-    """{metric (named as in the metrics table): {doc_id: value}} from an eval's per-sample logs."""
-    found: dict[str, dict] = {}
+def read_samples(folder: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """From an eval's per-sample logs: {metric (named as in the metrics table): {doc_id: value}},
+    and for multiple-choice tasks {task: {doc_id: [log-likelihood of each choice]}}."""
+    values: dict[str, dict] = {}
+    choices: dict[str, dict] = {}
     for path in sorted((folder / "samples").glob("*.jsonl")):
         task = path.stem  # the eval kind writes samples/TASK.jsonl
         for line in path.read_text(encoding="utf-8").splitlines():
             if not line.strip():
                 continue
             sample = json.loads(line)
+            doc = str(sample["doc_id"])
             for metric in sample.get("metrics", []):
                 value = sample.get(metric)
                 if isinstance(value, (bool, int, float)) and math.isfinite(value):
-                    name = metric_name(task, metric, sample.get("filter", "none"))
-                    found.setdefault(name, {})[str(sample["doc_id"])] = float(value)
+                    values.setdefault(metric_name(task, metric, sample.get("filter", "none")), {})[doc] = float(value)
+            lls = _choice_loglikelihoods(sample.get("filtered_resps"))
+            if lls is not None and len(lls) > 1:
+                choices.setdefault(task, {})[doc] = lls
+    return values, choices
+
+
+def _choice_loglikelihoods(responses) -> list[float] | None:
+    """A multiple-choice sample's [log-likelihood, is_greedy] per choice -> the log-likelihoods."""
+    if not isinstance(responses, list):
+        return None
+    lls = []
+    for response in responses:
+        if not (isinstance(response, list) and response and isinstance(response[0], (int, float))):
+            return None
+        lls.append(float(response[0]))
+    return lls
+
+
+def divergence_rows(rows: list[dict], baseline: dict) -> list[dict]:
+    """How far each variant's answers moved from the baseline's, at no model cost: for
+    multiple-choice tasks the mean KL divergence of the choice distributions (softmax of the
+    logged log-likelihoods) and how often the top choice agrees; for perplexities their ratio."""
+    found = []
+    for row in rows:
+        if row is baseline:
+            continue
+        for task, docs in sorted(row["choices"].items()):
+            base = baseline["choices"].get(task)
+            if base is None or set(base) != set(docs):
+                continue  # paired_rows has refused different documents already
+            kls, agree = [], 0
+            for doc, lls in docs.items():
+                p, q = _softmax(base[doc]), _softmax(lls)
+                kls.append(sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q) if pi > 0))
+                agree += p.index(max(p)) == q.index(max(q))
+            found.append({"eval": row["eval"], "task": task, "n": len(docs), "mean_kl": sum(kls) / len(kls),
+                          "top_choice_agreement": agree / len(docs)})
+        for metric, entry in row["metrics"].items():
+            base = baseline["metrics"].get(metric)
+            if "perplexity" in metric and base and base["value"]:
+                found.append({"eval": row["eval"], "metric": metric, "perplexity_ratio": entry["value"] / base["value"]})
     return found
+
+
+def _softmax(lls: list[float]) -> list[float]:
+    top = max(lls)
+    weights = [math.exp(v - top) for v in lls]
+    total = sum(weights)
+    return [max(w / total, 1e-300) for w in weights]
 
 
 def metric_name(task: str, metric: str, filter_name: str) -> str:
@@ -162,7 +214,7 @@ def read_eval(folder: Path, label: str) -> dict:
         "speed_from": None,
         "metrics": metrics,
         "higher_is_better": higher_is_better,
-        "samples": read_samples(folder),
+        **dict(zip(("samples", "choices"), read_samples(folder))),
     }
 
 
@@ -232,6 +284,18 @@ def markdown(report: dict) -> str:
             )
     else:
         lines.append("No per-sample logs to pair (the evals need `log_samples = true`, the default).")
+    if report["divergence"]:
+        lines += ["", "## Divergence from the baseline", "",
+                  "Multiple-choice tasks: the mean KL divergence of the choice distributions (from the "
+                  "logged log-likelihoods) and how often the top choice agrees. Perplexities: their ratio.", "",
+                  "| eval | task or metric | n | mean KL | top choice agrees | perplexity ratio |",
+                  "|---|---|---|---|---|---|"]
+        for d in report["divergence"]:
+            if "mean_kl" in d:
+                lines.append(f"| {d['eval']} | {d['task']} | {d['n']} | {d['mean_kl']:.4g} | "
+                             f"{d['top_choice_agreement']:.3f} | – |")
+            else:
+                lines.append(f"| {d['eval']} | {d['metric']} | – | – | – | {d['perplexity_ratio']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
