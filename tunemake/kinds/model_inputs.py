@@ -1,5 +1,5 @@
-"""What the recipes share: checks of the model input (eval, generate) and the name the tunefile
-gives an input path (eval, generate, report).
+"""What the recipes share: checks of the model input (quantize, eval, generate) and the name the
+tunefile gives an input path (eval, generate, report).
 
 A module of its own, listed in each of those kinds' CODE, so that editing it rebuilds them all.
 """

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 INPUTS = ("model",)
 PACKAGES = ("python", "torch", "torchao", "safetensors")
-CODE = ("tunemake.models",)
+CODE = ("tunemake.models", "tunemake.kinds.model_inputs")
 DEVICE_SENSITIVE = True
 
 # kept in step with tunemake.models.quantized (not imported here: it imports torch)
@@ -81,13 +81,12 @@ class Params(BaseModel):
 
 def validate(params: Params, project_dir) -> None:
     """Checks a source checkpoint folder that exists now (a target's output is checked when it is built)."""
+    from tunemake.kinds.model_inputs import check_model_folder
+
     folder = Path(project_dir) / params.model
     if not folder.exists():
         return
-    if not folder.is_dir():
-        raise ValueError(f"model: {folder} is a file; expected a Hugging Face checkpoint folder")
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"model: {folder} has no config.json (not a Hugging Face checkpoint folder)")
+    check_model_folder(folder)
     if (folder / "quantization.json").exists():
         raise ValueError(f"model: {folder} is already quantized (has quantization.json); give a full-precision one")
     if not any(folder.glob("*.safetensors")):
