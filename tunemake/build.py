@@ -19,9 +19,9 @@ from pathlib import Path
 from tunemake import keys, run
 from tunemake.decide import State, decide
 from tunemake.errors import UserError
+from tunemake.fsutil import FileLock, locked, rel_path, rmtree, stamp
 from tunemake.graph import closure
 from tunemake.hashing import StatCache, hash_file, tree_digest
-from tunemake.fsutil import FileLock, locked, rmtree
 from tunemake.owners import owner_of, owner_token
 from tunemake.store import Store
 from tunemake.tunefile import Project
@@ -151,7 +151,7 @@ class Engine:
         out = self.project.output_dir(name)
         changed, touched = self.store.intact(record, out)
         if touched and not changed:
-            before = {rel: _stamp(out / rel) for rel in touched}
+            before = {rel: stamp(out / rel) for rel in touched}
             changed = [rel for rel in touched if not _same_content(out / rel, state["outputs"][rel]["digest"])]
             if not changed and repair:
                 self._refresh_record(name, state, out, before, holding_lock)
@@ -173,11 +173,11 @@ class Engine:
             if self.store.get_state(name) != state:
                 return  # another build wrote a new record meanwhile
             updated = {**state, "materialized": dict(state["materialized"])}
-            for rel, stamp in before.items():
-                if stamp is None or _stamp(out / rel) != stamp:
+            for rel, was in before.items():
+                if was is None or stamp(out / rel) != was:
                     return
                 placed = state["materialized"][rel]
-                updated["materialized"][rel] = [*stamp[:3], placed[3], stamp[3]]
+                updated["materialized"][rel] = [*was[:3], placed[3], was[3]]
             self.store.put_state(name, updated)
 
         try:
@@ -228,20 +228,13 @@ class Engine:
         self.store.put_action(key, entry)
         return entry
 
-    def source_path(self, rel: str) -> Path:
-        return Path(rel) if Path(rel).is_absolute() else self.project.dir / rel
-
-    def source_skip(self) -> tuple[Path, ...]:
-        """Folders a source that holds the project (deps = ["."]) must not walk into."""
-        return (self.project.targets_dir, self.project.cache_dir)
-
     def upload_sources(self, sources: list[str]) -> dict[str, dict]:
         """Put source files in the remote cache (for remote workers); returns their manifests by path."""
         manifests = {}
         for rel in sources:
-            path = self.source_path(rel)
+            path = keys.source_path(self.project, rel)
             if path.is_dir():
-                manifest = self.hasher.tree(path, self.source_skip())
+                manifest = self.hasher.tree(path, keys.source_skip(self.project))
                 files = {e["digest"]: path / r for r, e in manifest.items()}
             else:
                 st = path.stat()
@@ -321,7 +314,7 @@ class Engine:
             test.touch()
             test.unlink()
         except OSError as exc:
-            raise UserError(f"cache folder {_rel(root)} is not writable ({exc.strerror or exc}); "
+            raise UserError(f"cache folder {rel_path(root)} is not writable ({exc.strerror or exc}); "
                             f"{why} needs to write to it") from None
 
     def _clean_stale_tmp(self) -> None:
@@ -350,21 +343,6 @@ class Engine:
                         rmtree(entry)
             except OSError:
                 pass  # a read-only cache: nothing of anyone's can be swept, and nothing needs to be
-
-
-def _rel(path: Path) -> str:
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return str(path)
-
-
-def _stamp(path: Path) -> tuple | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _same_content(path: Path, digest: str) -> bool:

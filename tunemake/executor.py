@@ -109,7 +109,7 @@ def view_changed(folder: Path, placed: tuple[dict, dict], manifest: dict, rehash
     mtime moved), removed or rewritten. A file whose only change is its ctime (an edit that put the
     mtime back, or just a new hardlink to the same blob) is re-hashed with `rehash`, else counted
     as changed."""
-    from tunemake.hashing import hash_file
+    from tunemake.hashing import file_moved
 
     files, folders = placed
     for rel, (mtime_ns, ctime_ns) in folders.items():
@@ -121,16 +121,7 @@ def view_changed(folder: Path, placed: tuple[dict, dict], manifest: dict, rehash
             return True
     if sum(len(names) for _root, _dirs, names in os.walk(folder)) != len(files):
         return True
-    for rel, (ino, size, mtime_ns, ctime_ns) in files.items():
-        try:
-            st = os.stat(folder / rel)
-        except OSError:
-            return True
-        if (st.st_ino, st.st_size, st.st_mtime_ns) != (ino, size, mtime_ns):
-            return True
-        if st.st_ctime_ns != ctime_ns and (not rehash or hash_file(folder / rel) != manifest[rel]["digest"]):
-            return True
-    return False
+    return any(file_moved(folder / rel, was, manifest[rel]["digest"], rehash) for rel, was in files.items())
 
 
 @dataclass

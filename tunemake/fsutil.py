@@ -82,6 +82,24 @@ def rmtree(path: Path) -> None:
     shutil.rmtree(path, onerror=onerror)
 
 
+def stamp(path) -> tuple | None:
+    """(inode, size, mtime_ns, ctime_ns) of a file, following links; None if it cannot be read.
+    An edit can put the mtime back (cp -p, touch -r), never the ctime."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def rel_path(path: Path) -> str:
+    """A path as the user would type it from here (absolute where no relative path exists)."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
+
+
 def is_real_dir(path: Path) -> bool:
     """A folder, not a symlink to one."""
     try:

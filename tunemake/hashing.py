@@ -10,7 +10,7 @@ from pathlib import Path
 
 import blake3
 
-from tunemake.fsutil import read_json, write_atomic
+from tunemake.fsutil import read_json, stamp, write_atomic
 
 # Files modified this recently are hashed but not remembered: a second write within
 # the filesystem's timestamp granularity would otherwise go unnoticed.
@@ -88,14 +88,14 @@ class StatCache:
         key = str(path)
         hit = self._load().get(key)
         # ctime too: an edit can put the mtime back (cp -p, touch -r), but not the ctime
-        stamp = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-        if isinstance(hit, list) and len(hit) == 5 and hit[:4] == stamp and isinstance(hit[4], str):
+        now = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        if isinstance(hit, list) and len(hit) == 5 and hit[:4] == now and isinstance(hit[4], str):
             digest = hit[4]
         else:
             digest = hash_file(path)
             self.hashed_bytes += st.st_size
             if time.time_ns() - st.st_ctime_ns > RACY_WINDOW_NS:
-                entry = [*stamp, digest]
+                entry = [*now, digest]
                 self._entries[key] = entry
                 self._new[key] = entry
         self.seen[key] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
@@ -138,17 +138,7 @@ class StatCache:
         files = [str(f) for f in walk_files(path, skip)] if path.is_dir() else [str(path)]
         if sorted(files) != sorted(hashed):
             return True
-        for f in files:
-            try:
-                st = os.stat(f)
-            except OSError:
-                return True
-            ino, size, mtime_ns, ctime_ns, digest = hashed[f]
-            if (st.st_ino, st.st_size, st.st_mtime_ns) != (ino, size, mtime_ns):
-                return True
-            if st.st_ctime_ns != ctime_ns and hash_file(f) != digest:
-                return True
-        return False
+        return any(file_moved(f, hashed[f][:4], hashed[f][4]) for f in files)
 
     def close(self) -> None:
         """Merge our new entries into the file (another build may have added its own)."""
@@ -161,6 +151,16 @@ class StatCache:
             write_atomic(self._path, json.dumps(merged, separators=(",", ":")).encode(), durable=False)
         except OSError:
             pass  # only a speed-up: a read-only cache still builds
+
+
+def file_moved(path, was: tuple, digest: str, rehash: bool = True) -> bool:
+    """Whether a file differs from its stamp `was` (inode, size, mtime_ns, ctime_ns) and digest. A
+    file whose only change is its ctime (an edit that put the mtime back, or just a new hardlink)
+    is re-hashed to tell, with `rehash`; else it counts as moved."""
+    now = stamp(path)
+    if now is None or now[:3] != tuple(was[:3]):
+        return True
+    return now[3] != was[3] and (not rehash or hash_file(path) != digest)
 
 
 def walk_files(root: Path, skip: tuple[Path, ...] = ()):

@@ -26,7 +26,7 @@ def components(project: Project, target: Target, dep_trees: dict[str, str], hash
         "params": target.key_params,
         # output digests, not keys: a dependency rebuilt to identical bytes changes nothing here
         "deps": {dep: dep_trees[dep] for dep in target.target_deps},
-        "sources": {src: source_digest(project.dir, src, hasher, project.cache_dir) for src in target.sources},
+        "sources": {src: source_digest(project, src, hasher) for src in target.sources},
         "env": environment(tuple(target.packages), target.device_sensitive),
     }
 
@@ -35,15 +35,22 @@ def key_of(parts: dict) -> str:
     return digest_json(parts)
 
 
-def source_digest(project_dir: Path, source: str, hasher: StatCache, cache_dir: Path | None = None) -> str:
+def source_path(project: Project, source: str) -> Path:
+    """Where a source is: relative to the project, or absolute if it lies outside it."""
+    return Path(source) if Path(source).is_absolute() else project.dir / source
+
+
+def source_skip(project: Project) -> tuple[Path, ...]:
+    """What a source folder holding the project (deps = ["."]) must not walk into: tunemake's own folders."""
+    return (project.targets_dir, project.cache_dir)
+
+
+def source_digest(project: Project, source: str, hasher: StatCache) -> str:
     from tunemake.errors import UserError
     from tunemake.hashing import UnhashableFile
 
-    path = Path(source)
-    # a source folder holding the project (deps = ["."]) must not hash tunemake's own folders
-    skip = (project_dir / "targets", cache_dir or project_dir / ".tunecache")
     try:
-        return hasher.source(path if path.is_absolute() else project_dir / source, skip)
+        return hasher.source(source_path(project, source), source_skip(project))
     except (UnhashableFile, OSError) as exc:
         raise UserError(f"source {source}: cannot hash it: {exc}") from None
 

@@ -136,9 +136,8 @@ class RunningStep:
 
     def collect(self, store) -> dict:
         """After a successful exit: hash the outputs and move them into the store; the manifest."""
-        from tunemake.store import output_manifest
-
         from tunemake.records import check_outputs
+        from tunemake.store import output_manifest
 
         manifest, files = output_manifest(self.out, self.real_out)
         try:  # a name the cache cannot hold: fail now, not a result that is never found again

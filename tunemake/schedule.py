@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tunemake import keys, run
 from tunemake.decide import State, ago, decide
-from tunemake.fsutil import FileLock, rmtree
+from tunemake.fsutil import FileLock, rel_path, rmtree
 from tunemake.graph import dependents
 
 POLL_SECONDS = 0.02
@@ -230,7 +230,7 @@ class Scheduler:
         target, hasher = self.project.targets[name], self.engine.hasher
         files = {}
         for source in target.sources:
-            path = self.engine.source_path(source)
+            path = keys.source_path(self.project, source)
             files[source] = (path, hasher.as_hashed(path))
         for code in target.code_files:
             path = self.project.dir / code
@@ -276,29 +276,24 @@ class Scheduler:
         log_copy = store.log_path(name)
         log = _read_log(step.log)
         try:
+            log_copy.parent.mkdir(parents=True, exist_ok=True)
             os.replace(step.log, log_copy)
-        except FileNotFoundError:
-            try:
-                log_copy.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(step.log, log_copy)
-            except OSError:
-                pass
         except OSError:
             pass  # the console still gets the reason
         if code != 0:
             how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-            reason = step.error_line() if hasattr(step, "error_line") else ""
+            reason = step.error_line()
             if reason:  # a Python step's own one-line reason; its traceback stays in the log
-                self._fail(name, f"{reason} ({how}; log: {_rel(log_copy)})", key=key, record=f"{reason} ({how})")
+                self._fail(name, f"{reason} ({how}; log: {rel_path(log_copy)})", key=key, record=f"{reason} ({how})")
                 self.outcome.failed_logs[name] = log_copy
             else:
-                self._fail(name, f"{how}, log: {_rel(log_copy)}", log_copy, key=key)
+                self._fail(name, f"{how}, log: {rel_path(log_copy)}", log_copy, key=key)
             return
         if not step.tmp.is_dir():
             self._fail(name, "the step removed its own working folder (did it delete the cache folder?); "
                              "its outputs are gone", key=key)
             return
-        skip = self.engine.source_skip()
+        skip = keys.source_skip(self.project)
         moved = input_changes(watch, lambda path, hashed: self.engine.hasher.changed_since(path, hashed, skip))
         if moved:
             # the step may have read the inputs half old, half new: its outputs belong to no key
@@ -360,9 +355,3 @@ def _read_log(path: Path) -> bytes:
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
-
-def _rel(path: Path) -> str:
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return str(path)

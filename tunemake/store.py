@@ -114,10 +114,7 @@ class Store:
         been damaged through a hardlink, and the fresh bytes are known to match the digest.
         """
         dst = self.blob_path(digest)
-        try:
-            self._ensure_dir(dst.parent)
-        except OSError:  # a damaged cas/: a file where the shard folder should be
-            _clear_blob_slot(dst)
+        self._ensure_dir(dst.parent)
         st = os.lstat(src)
         if stat.S_ISLNK(st.st_mode) or st.st_nlink > 1 or not stat.S_ISREG(st.st_mode):
             # a link (to a source, a dependency's output, anything): store a private copy,
@@ -133,7 +130,7 @@ class Store:
         try:
             os.replace(src, dst)
         except IsADirectoryError:  # a damaged cache: a folder where the blob should be
-            _clear_blob_slot(dst)
+            rmtree(dst)
             os.replace(src, dst)
         except OSError as exc:
             if exc.errno != errno.EXDEV:
@@ -289,10 +286,8 @@ class Store:
             shutil.copyfile(blob, target)
             os.chmod(target, 0o555 if x else 0o444)
         folders = {}
-        for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):
-            assert folder == dest or dest in folder.parents  # never a folder above the view
+        for folder in made:  # only the view's own (a chmod moves nothing but that folder's ctime)
             os.chmod(folder, 0o555)
-        for folder in made:
             st = os.stat(folder)
             folders[str(folder.relative_to(dest))] = [st.st_mtime_ns, st.st_ctime_ns]
         # stats after every link: two files of one content share an inode, whose ctime each link moves
@@ -364,8 +359,10 @@ class Store:
 
     @staticmethod
     def _ensure_dir(folder: Path) -> None:
-        if not is_real_dir(folder):  # an lstat first: on some filesystems a mkdir costs 50x more
-            if os.path.lexists(folder):  # a file or a symlink where our folder should be: never followed
+        """One of our folders: an lstat first (on some filesystems a mkdir costs 50x more); a file
+        or a symlink where it should be (a damaged cache) is removed, never followed."""
+        if not is_real_dir(folder):
+            if os.path.lexists(folder):
                 os.unlink(folder)
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -419,12 +416,3 @@ def _make_parent(path: Path, made: set[Path], root: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         made.update(p for p in path.parents if p == root or root in p.parents)
 
-
-def _clear_blob_slot(dst: Path) -> None:
-    """Make room for a blob: a file where its shard folder should be, or a folder where the
-    blob should be (a damaged cache), is removed rather than failing every build."""
-    if os.path.lexists(dst.parent) and not is_real_dir(dst.parent):
-        os.unlink(dst.parent)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if is_real_dir(dst):
-        rmtree(dst)
