@@ -633,6 +633,7 @@ def test_two_targets_with_the_same_inputs_say_so(project):
         """)
     proc = project.build("-j", "2")
     assert "waiting for another tunemake" not in proc.stdout
+    assert "which has the same inputs" in proc.stdout, proc.stdout
     assert project.read("targets/a/o") == project.read("targets/b/o") == "same\n"
 
 
