@@ -18,7 +18,17 @@ def test_demo_pipeline_builds_then_noop_then_rebuilds_only_the_int4_branch(tmp_p
     first = demo.build(*short, timeout=900)
     assert "12 built" in first.stdout, first.stdout
     report = json.loads((demo.root / "targets/report/report.json").read_text())
-    assert report  # the comparison covers the three variants
+    assert [row["eval"] for row in report["rows"]] == ["eval@base", "eval@int8", "eval@int4"]
+    # int8 and int4 paired with the baseline on the same held-out documents, each with a verdict
+    assert [(row["eval"], row["metric"]) for row in report["paired"]] == [
+        ("eval@int8", "toyfacts acc"), ("eval@int4", "toyfacts acc")]
+    for row in report["paired"]:
+        assert row["n"] == report["paired"][0]["n"] > 100
+        assert row["verdict"] in ("no detectable change", "worse", "better")
+        assert len(row["flips"]) == row["right_to_wrong"] + row["wrong_to_right"]
+    assert report["figures"] == ["tradeoff_size", "tradeoff_speed", "deltas"]
+    html = demo.read("targets/report/report.html")
+    assert html.count('src="data:image/png;base64,') == 3 and "Flipped questions" in html
     text = demo.read("targets/report/report.md")
     for variant in ("eval@base", "eval@int8", "eval@int4"):
         assert variant in text

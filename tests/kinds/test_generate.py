@@ -116,12 +116,12 @@ def test_bad_params_fail_before_a_model_is_loaded(tmp_path):
         generate.validate(generate.Params(model="m", prompts_file="bad.jsonl"), tmp_path)
 
 
-def test_kind_modules_import_neither_torch_nor_lm_eval():
+def test_kind_modules_import_neither_torch_nor_lm_eval_nor_matplotlib():
     code = (
         "import sys\n"
         "from tunemake.kinds import evaluate, generate, report\n"
         "evaluate.Params(model='m', tasks=['x']); generate.Params(model='m', prompt='a'); report.Params(evals=['e'])\n"
-        "print(sorted(m for m in ('torch', 'lm_eval', 'transformers', 'datasets') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'lm_eval', 'transformers', 'datasets', 'matplotlib') if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

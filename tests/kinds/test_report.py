@@ -1,7 +1,6 @@
 """The report kind on eval and generate outputs (written here in their documented layout)."""
 
 import json
-import re
 from pathlib import Path
 
 import pydantic
@@ -81,12 +80,16 @@ def test_deltas_sizes_and_speed_against_the_baseline(outputs):
     assert "| eval_bf16 | 0.7500 | 0.0100 | +0.1250 |" in md
     assert report.summary(out) == md
 
-    svg = (out / "report.svg").read_text()
-    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
-    # one bar per eval for the metric and the size, and one per eval with a speed
-    assert len(re.findall(r"<rect x=", svg)) == 3 + 3 + 2
-    widths = [float(w) for w in re.findall(r'<rect x="\d+" y="\d+" width="([\d.]+)"', svg)]
-    assert widths[:3] == [360.0, 300.0, 240.0]  # acc 0.75 : 0.625 : 0.5 on a 360 px scale
+    # no per-sample logs here: no paired rows, so no delta chart; the trade-offs have every eval's point
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["report.html", "report.json", "report.md"] + [f"tradeoff_{axis}.{kind}" for axis in ("size", "speed")
+                                                        for kind in ("png", "svg")])
+    assert data["figures"] == ["tradeoff_size", "tradeoff_speed"]
+    assert data["pareto"]["toyfacts acc"] == {"weight_bytes": ["eval_bf16", "eval_int8", "eval_int4"],
+                                              "decode_tokens_per_s": ["eval_bf16", "eval_int4"]}
+    # without per-sample logs, the trade-off error bars come from lm-eval's stderr
+    assert rows["eval_int4"]["metrics"]["toyfacts acc"]["ci95"] == pytest.approx([0.5 - 0.0196, 0.5 + 0.0196])
+    assert rows["eval_int4"]["metrics"]["toyfacts acc"]["ci_from"] == "stderr"
 
 
 def test_baseline_defaults_to_the_first_eval(outputs):
@@ -103,8 +106,10 @@ def test_same_inputs_give_identical_bytes(outputs):
     again = first.parent / "again"
     first.rename(again)
     second = run_report(project, deps, evals=["eval_bf16", "eval_int4"], samples=["gen_base"])
-    for name in ("report.md", "report.json", "report.svg"):
-        assert (again / name).read_bytes() == (second / name).read_bytes()
+    names = sorted(p.name for p in second.iterdir())
+    assert names == sorted(p.name for p in again.iterdir()) and "tradeoff_size.svg" in names
+    for name in names:
+        assert (again / name).read_bytes() == (second / name).read_bytes(), name
 
 
 def test_speed_for_a_model_no_eval_used_is_an_error(outputs, tmp_path):

@@ -3,7 +3,9 @@
 For each eval: its metrics and their change against the baseline eval, the checkpoint's
 weight size and quantization scheme (from the eval's checkpoint.json), and decode speed
 from the generate targets in `samples` that used the same model. Reads only its inputs;
-imports nothing heavy. Outputs report.md, report.json and report.svg (bars drawn by hand).
+imports nothing heavy but matplotlib. Outputs report.json (every number), report.md (the tables),
+report.html (one self-contained page: tables, figures, the flipped questions) and the figures as
+PNG and SVG (report_plots).
 """
 
 from __future__ import annotations
@@ -11,16 +13,16 @@ from __future__ import annotations
 import json
 import math
 import os
-from html import escape
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunemake.kinds import paired
+from tunemake.kinds import paired, report_html, report_plots
 
 INPUTS = ("evals", "samples")
-PACKAGES = ("python",)
-CODE = ("tunemake.kinds.model_inputs", "tunemake.kinds.paired")
+PACKAGES = ("python", "matplotlib")
+CODE = ("tunemake.kinds.model_inputs", "tunemake.kinds.paired", "tunemake.kinds.report_plots",
+        "tunemake.kinds.report_html")
 
 
 class Params(BaseModel):
@@ -80,17 +82,52 @@ def run(params: Params, ctx) -> None:
             base = baseline["metrics"].get(key)
             entry["delta"] = None if base is None else entry["value"] - base["value"]
 
+    for row in rows:
+        for key, entry in row["metrics"].items():
+            entry["ci95"], entry["ci_from"] = value_interval(entry, row["samples"].get(key))
+
     out = Path(ctx.out)
-    report = {"title": params.title, "baseline": baseline["eval"], "metrics": metrics, "rows": rows,
+    report = {"title": params.title, "baseline": baseline["eval"], "metrics": metrics,
+              "higher_is_better": {m: baseline["higher_is_better"].get(m, True) for m in metrics}, "rows": rows,
               "alpha": paired.ALPHA, "paired": paired_rows(rows, baseline),
               "divergence": divergence_rows(rows, baseline)}
+    report["pareto"] = pareto(report)
+    figures = report_plots.write_all(report, out)
+    report["figures"] = list(figures)
+    (out / "report.html").write_text(report_html.page(report, baseline, figures), encoding="utf-8")
     for row in rows:
-        row.pop("samples")
-        row.pop("choices")
+        for key in ("samples", "metric_task", "choices", "docs"):
+            row.pop(key)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report), encoding="utf-8")
-    (out / "report.svg").write_text(svg(report), encoding="utf-8")
     print(markdown(report), flush=True)
+
+
+def value_interval(entry: dict, per_document: dict | None) -> tuple[list[float] | None, str | None]:
+    """An eval's own 95% interval of a metric (for the trade-off plots' error bars): a bootstrap over
+    its documents where the metric is their mean, else lm-eval's stderr, else none."""
+    if per_document:
+        values = list(per_document.values())
+        if math.isclose(sum(values) / len(values), entry["value"], rel_tol=1e-9, abs_tol=1e-12):
+            return list(paired.bootstrap_interval(values)), "bootstrap"
+    if entry["stderr"] is not None and math.isfinite(entry["stderr"]):
+        return [entry["value"] - 1.96 * entry["stderr"], entry["value"] + 1.96 * entry["stderr"]], "stderr"
+    return None, None
+
+
+def pareto(report: dict) -> dict[str, dict[str, list[str]]]:
+    """Per metric, the evals on the Pareto front of the metric against weight size (smaller is
+    better) and against decode tokens/s (faster is better, among the evals a generate target timed)."""
+    fronts = {}
+    for metric in report["metrics"]:
+        higher = report["higher_is_better"][metric]
+        scored = [r for r in report["rows"] if metric in r["metrics"]]
+        by_size = [(r["eval"], r["weight_bytes"], r["metrics"][metric]["value"]) for r in scored]
+        by_speed = [(r["eval"], r["decode_tokens_per_s"], r["metrics"][metric]["value"])
+                    for r in scored if r["decode_tokens_per_s"] is not None]
+        fronts[metric] = {"weight_bytes": report_plots.pareto_front(by_size, True, higher),
+                          "decode_tokens_per_s": report_plots.pareto_front(by_speed, False, higher)}
+    return fronts
 
 
 def paired_rows(rows: list[dict], baseline: dict) -> list[dict]:
@@ -104,23 +141,44 @@ def paired_rows(rows: list[dict], baseline: dict) -> list[dict]:
             base = baseline["samples"].get(metric)
             if base is None:
                 continue
+            task = row["metric_task"][metric]
             if set(base) != set(values):
                 common = len(set(base) & set(values))
                 raise ValueError(
                     f"evals: {row['eval']} and {baseline['eval']} scored different documents for {metric} "
                     f"({len(values)} and {len(base)}, {common} in common); paired statistics need the same "
                     "documents (the same tasks, limit and num_fewshot)")
+            base_docs, docs = baseline["docs"].get(task, {}), row["docs"].get(task, {})
+            changed = [d for d in sorted(values, key=_doc_order)
+                       if (base_docs.get(d) or {}).get("hash") != (docs.get(d) or {}).get("hash")]
+            if changed:
+                raise ValueError(
+                    f"evals: {row['eval']} and {baseline['eval']} scored different documents under the same "
+                    f"ids for {metric} ({len(changed)} differ, first doc_id {changed[0]}): the task's data "
+                    "changed between them; paired statistics need the same documents")
             higher = baseline["higher_is_better"].get(metric, True)
-            found.append({"eval": row["eval"], "metric": metric, **paired.compare(base, values, higher)})
+            entry = {"eval": row["eval"], "metric": metric, "task": task, **paired.compare(base, values, higher)}
+            if entry["binary"]:
+                entry["flips"] = [{"doc_id": d, "direction": "right_to_wrong" if base[d] else "wrong_to_right"}
+                                  for d in sorted(values, key=_doc_order) if base[d] != values[d]]
+            found.append(entry)
     paired.verdicts(found)
     return found
 
 
-def read_samples(folder: Path) -> tuple[dict[str, dict], dict[str, dict]]:
-    """From an eval's per-sample logs: {metric (named as in the metrics table): {doc_id: value}},
-    and for multiple-choice tasks {task: {doc_id: [log-likelihood of each choice]}}."""
+def _doc_order(doc_id: str):
+    return (0, int(doc_id), "") if doc_id.isdigit() else (1, 0, doc_id)
+
+
+def read_samples(folder: Path) -> dict[str, dict]:
+    """From an eval's per-sample logs: samples {metric (named as in the metrics table): {doc_id:
+    value}}, metric_task {metric: its task}, for multiple-choice tasks choices {task: {doc_id:
+    [log-likelihood of each choice]}}, and docs {task: {doc_id: what the report shows of a document
+    (its prompt, target, this model's answer, the document's hash)}}."""
     values: dict[str, dict] = {}
+    metric_task: dict[str, str] = {}
     choices: dict[str, dict] = {}
+    docs: dict[str, dict] = {}
     for path in sorted((folder / "samples").glob("*.jsonl")):
         task = path.stem  # the eval kind writes samples/TASK.jsonl
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -131,11 +189,33 @@ def read_samples(folder: Path) -> tuple[dict[str, dict], dict[str, dict]]:
             for metric in sample.get("metrics", []):
                 value = sample.get(metric)
                 if isinstance(value, (bool, int, float)) and math.isfinite(value):
-                    values.setdefault(metric_name(task, metric, sample.get("filter", "none")), {})[doc] = float(value)
+                    name = metric_name(task, metric, sample.get("filter", "none"))
+                    values.setdefault(name, {})[doc] = float(value)
+                    metric_task[name] = task
             lls = _choice_loglikelihoods(sample.get("filtered_resps"))
             if lls is not None and len(lls) > 1:
                 choices.setdefault(task, {})[doc] = lls
-    return values, choices
+            docs.setdefault(task, {})[doc] = _shown(sample, lls)
+    return {"samples": values, "metric_task": metric_task, "choices": choices, "docs": docs}
+
+
+def _shown(sample: dict, lls: list[float] | None) -> dict:
+    """A document as the flipped-questions list shows it: the prompt, the target and the model's
+    answer (for multiple choice the continuation it scored highest, else its filtered output)."""
+    arguments = sample.get("arguments")
+    pairs = [a for a in arguments if isinstance(a, list) and a] if isinstance(arguments, list) else []
+    prompt = str(pairs[0][0]) if pairs else ""
+    continuations = [str(a[1]) for a in pairs if len(a) > 1 and isinstance(a[1], str)]
+    target = sample.get("target")
+    if lls is not None and len(lls) > 1 and len(continuations) == len(lls):
+        answer = continuations[lls.index(max(lls))]
+        if isinstance(target, int) and not isinstance(target, bool) and 0 <= target < len(continuations):
+            target = continuations[target]
+    else:
+        responses = sample.get("filtered_resps")
+        answer = responses[0] if isinstance(responses, list) and responses else responses
+    return {"prompt": prompt, "target": "" if target is None else str(target),
+            "answer": "" if answer is None else str(answer), "hash": sample.get("doc_hash")}
 
 
 def _choice_loglikelihoods(responses) -> list[float] | None:
@@ -214,7 +294,7 @@ def read_eval(folder: Path, label: str) -> dict:
         "speed_from": None,
         "metrics": metrics,
         "higher_is_better": higher_is_better,
-        **dict(zip(("samples", "choices"), read_samples(folder))),
+        **read_samples(folder),
     }
 
 
@@ -235,108 +315,86 @@ def ratio(value, base) -> str:
     return "–" if value is None or not base else f"{value / base:.2f}x"
 
 
-def markdown(report: dict) -> str:
+# ---- tables (report.md and report.html render the same cells) --------------------------------
+PAIRED_NOTE = ("Per document, on the documents both scored. p: McNemar's exact test for 0/1 metrics, a paired "
+               "sign-flip test otherwise; Holm-corrected over the rows below; verdicts at alpha {alpha}. The "
+               "interval is a paired bootstrap 95% interval of the change, per row and not adjusted: with few "
+               "flips it can exclude 0 where the exact test finds no detectable change; the verdict follows "
+               "the test.")
+DIVERGENCE_NOTE = ("Multiple-choice tasks: the mean KL divergence of the choice distributions (from the logged "
+                   "log-likelihoods) and how often the top choice agrees. Perplexities: their ratio.")
+
+
+def overview_table(report: dict) -> tuple[list[str], list[list[str]]]:
     rows = report["rows"]
     base = next(row for row in rows if row["eval"] == report["baseline"])
-    lines = [
-        f"# {report['title']}",
-        "",
-        f"Baseline: {report['baseline']}. Changes are against it.",
-        "",
-        "| eval | model | quantization | weights (MB) | size | decode tokens/s | speed | first token (ms) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["eval", "model", "quantization", "weights (MB)", "size", "decode tokens/s", "speed", "first token (ms)"]
+    cells = []
     for row in rows:
         first_token = row["time_to_first_token_s"]
-        lines.append(
-            f"| {row['eval']} | {row['model']} | {row['quantization'] or 'none'} | {row['weight_bytes'] / 1e6:.1f} | "
-            f"{ratio(row['weight_bytes'], base['weight_bytes'])} | {number(row['decode_tokens_per_s'], 1)} | "
-            f"{ratio(row['decode_tokens_per_s'], base['decode_tokens_per_s'])} | "
-            f"{number(first_token * 1e3 if first_token is not None else None, 1)} |"
-        )
+        cells.append([
+            row["eval"], row["model"], row["quantization"] or "none", f"{row['weight_bytes'] / 1e6:.1f}",
+            ratio(row["weight_bytes"], base["weight_bytes"]), number(row["decode_tokens_per_s"], 1),
+            ratio(row["decode_tokens_per_s"], base["decode_tokens_per_s"]),
+            number(first_token * 1e3 if first_token is not None else None, 1),
+        ])
+    return header, cells
+
+
+def metric_table(report: dict, metric: str) -> tuple[list[str], list[list[str]]]:
+    cells = []
+    for row in report["rows"]:
+        entry = row["metrics"].get(metric)
+        if entry is None:
+            cells.append([row["eval"], "–", "–", "–"])
+        else:
+            cells.append([row["eval"], number(entry["value"]), number(entry["stderr"]),
+                          number(entry["delta"], signed=True)])
+    return ["eval", "value", "stderr", "change"], cells
+
+
+def paired_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["eval", "metric", "n", "change", "95% interval", "right → wrong", "wrong → right", "agreement",
+              "p (Holm)", "verdict"]
+    cells = []
+    for p in report["paired"]:
+        flips = ("–", "–") if p["right_to_wrong"] is None else (str(p["right_to_wrong"]), str(p["wrong_to_right"]))
+        cells.append([
+            p["eval"], p["metric"], str(p["n"]), number(p["delta"], signed=True),
+            f"[{number(p['ci95'][0], signed=True)}, {number(p['ci95'][1], signed=True)}]", *flips,
+            f"{p['agreement']:.3f}", f"{p['p_holm']:.3g}", p["verdict"],
+        ])
+    return header, cells
+
+
+def divergence_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["eval", "task or metric", "n", "mean KL", "top choice agrees", "perplexity ratio"]
+    cells = []
+    for d in report["divergence"]:
+        if "mean_kl" in d:
+            cells.append([d["eval"], d["task"], str(d["n"]), f"{d['mean_kl']:.4g}", f"{d['top_choice_agreement']:.3f}", "–"])
+        else:
+            cells.append([d["eval"], d["metric"], "–", "–", "–", f"{d['perplexity_ratio']:.4f}"])
+    return header, cells
+
+
+def markdown(report: dict) -> str:
+    def table(header: list[str], cells: list[list[str]]) -> list[str]:
+        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+            "| " + " | ".join(row) + " |" for row in cells]
+
+    lines = [f"# {report['title']}", "", f"Baseline: {report['baseline']}. Changes are against it.", "",
+             *table(*overview_table(report))]
     for metric in report["metrics"]:
-        lines += ["", f"## {metric}", "", "| eval | value | stderr | change |", "|---|---|---|---|"]
-        for row in rows:
-            entry = row["metrics"].get(metric)
-            if entry is None:
-                lines.append(f"| {row['eval']} | – | – | – |")
-                continue
-            lines.append(
-                f"| {row['eval']} | {number(entry['value'])} | {number(entry['stderr'])} | "
-                f"{number(entry['delta'], signed=True)} |"
-            )
+        lines += ["", f"## {metric}", "", *table(*metric_table(report, metric))]
     lines += ["", "## Paired against the baseline", ""]
     if report["paired"]:
-        lines += [
-            f"Per document, on the documents both scored. p: McNemar's exact test for 0/1 metrics, a "
-            f"paired sign-flip test otherwise; Holm-corrected over the rows below; verdicts at alpha "
-            f"{report['alpha']}. The interval is a paired bootstrap 95% interval of the change.",
-            "",
-            "| eval | metric | n | change | 95% interval | right → wrong | wrong → right | agreement | p (Holm) | verdict |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for p in report["paired"]:
-            flips = ("–", "–") if p["right_to_wrong"] is None else (p["right_to_wrong"], p["wrong_to_right"])
-            lines.append(
-                f"| {p['eval']} | {p['metric']} | {p['n']} | {number(p['delta'], signed=True)} | "
-                f"[{number(p['ci95'][0], signed=True)}, {number(p['ci95'][1], signed=True)}] | {flips[0]} | "
-                f"{flips[1]} | {p['agreement']:.3f} | {p['p_holm']:.3g} | {p['verdict']} |"
-            )
+        lines += [PAIRED_NOTE.format(alpha=report["alpha"]), "", *table(*paired_table(report))]
     else:
         lines.append("No per-sample logs to pair (the evals need `log_samples = true`, the default).")
     if report["divergence"]:
-        lines += ["", "## Divergence from the baseline", "",
-                  "Multiple-choice tasks: the mean KL divergence of the choice distributions (from the "
-                  "logged log-likelihoods) and how often the top choice agrees. Perplexities: their ratio.", "",
-                  "| eval | task or metric | n | mean KL | top choice agrees | perplexity ratio |",
-                  "|---|---|---|---|---|---|"]
-        for d in report["divergence"]:
-            if "mean_kl" in d:
-                lines.append(f"| {d['eval']} | {d['task']} | {d['n']} | {d['mean_kl']:.4g} | "
-                             f"{d['top_choice_agreement']:.3f} | – |")
-            else:
-                lines.append(f"| {d['eval']} | {d['metric']} | – | – | – | {d['perplexity_ratio']:.4f} |")
+        lines += ["", "## Divergence from the baseline", "", DIVERGENCE_NOTE, "", *table(*divergence_table(report))]
+    if report["figures"]:
+        lines += ["", "Figures: " + ", ".join(f"{name}.png" for name in report["figures"]) + " (and .svg); "
+                  "everything in report.html."]
     return "\n".join(lines) + "\n"
-
-
-# ---- plot -----------------------------------------------------------------------------------
-LABEL_WIDTH, BAR_WIDTH, VALUE_WIDTH, BAR_HEIGHT, GAP = 160, 360, 90, 16, 4
-BASELINE_COLOUR, OTHER_COLOUR = "#4c72b0", "#dd8452"
-
-
-def svg(report: dict) -> str:
-    """One panel of horizontal bars per metric, plus weight size and decode speed."""
-    rows = report["rows"]
-    panels = [(metric, [row["metrics"].get(metric, {}).get("value") for row in rows]) for metric in report["metrics"]]
-    panels.append(("weights (MB)", [row["weight_bytes"] / 1e6 for row in rows]))
-    if any(row["decode_tokens_per_s"] is not None for row in rows):
-        panels.append(("decode tokens/s", [row["decode_tokens_per_s"] for row in rows]))
-
-    width = LABEL_WIDTH + BAR_WIDTH + VALUE_WIDTH
-    parts, y = [], 28
-    parts.append(f'<text x="8" y="18" font-size="14" font-weight="bold">{escape(report["title"])}</text>')
-    for title, values in panels:
-        y += 18
-        parts.append(f'<text x="8" y="{y}" font-size="12" font-weight="bold">{escape(title)}</text>')
-        y += 6
-        largest = max((abs(v) for v in values if v is not None), default=0.0) or 1.0
-        for row, value in zip(rows, values):
-            colour = BASELINE_COLOUR if row["eval"] == report["baseline"] else OTHER_COLOUR
-            text_y = y + BAR_HEIGHT - 4
-            parts.append(f'<text x="8" y="{text_y}" font-size="11">{escape(row["eval"])}</text>')
-            if value is None:
-                parts.append(f'<text x="{LABEL_WIDTH}" y="{text_y}" font-size="11">n/a</text>')
-            else:
-                length = BAR_WIDTH * abs(value) / largest
-                parts.append(
-                    f'<rect x="{LABEL_WIDTH}" y="{y}" width="{length:.1f}" height="{BAR_HEIGHT}" fill="{colour}"/>'
-                )
-                parts.append(f'<text x="{LABEL_WIDTH + length + 4:.1f}" y="{text_y}" font-size="11">{value:.4g}</text>')
-            y += BAR_HEIGHT + GAP
-    height = y + 10
-    header = (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif">'
-    )
-    background = f'<rect width="{width}" height="{height}" fill="white"/>'
-    return "\n".join([header, background, *parts, "</svg>"]) + "\n"
