@@ -14,7 +14,7 @@ from engine_helpers import Project
 from tunemake.kinds import paired
 
 
-@pytest.mark.parametrize("b, c", [(0, 0), (1, 0), (3, 7), (10, 10), (2, 15), (40, 61), (0, 12)])
+@pytest.mark.parametrize("b, c", [(0, 0), (1, 0), (3, 7), (10, 10), (2, 15), (40, 61), (0, 12), (2500, 2600), (20000, 21000)])
 def test_mcnemar_exact_is_the_two_sided_binomial_test(b, c):
     expected = 1.0 if b + c == 0 else stats.binomtest(b, b + c, 0.5).pvalue
     assert math.isclose(paired.mcnemar_exact(b, c), expected, rel_tol=1e-9, abs_tol=1e-12)

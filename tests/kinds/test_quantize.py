@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pydantic
@@ -15,8 +16,9 @@ from tunemake.models import ModelArgs, Transformer, load_model, save_checkpoint
 from tunemake.models.quantized import (
     INT4_CPU_DEQUANTIZE_ROWS,
     int4_cpu_dequantize,
+    int4_cpu_linear_forward,
     int4_cpu_weight,
-    load_quantized_model,
+    int4_for_device,
     pad_in_features,
     pad_input_to_weight,
     quantize_weight,
@@ -31,7 +33,7 @@ SCHEMES = [
     "float8_weight_only",
 ]
 # hidden 256 and attention width 256 divide every group size; the MLP width 320 divides 64 but not 128 or
-# 256, so down_proj is the layer that must be padded
+# 256, so down_proj is the layer that gets a smaller group size
 TINY = dict(vocab_size=384, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=320)
 # the tied model's vocabulary is no multiple of 16, which the packed int4 CPU layout needs for out_features
 TIED = dict(TINY, vocab_size=392, tie_word_embeddings=True)
@@ -85,7 +87,14 @@ def quantize_in_memory(model: Transformer, scheme: str, groupsize: int | None, e
         if not isinstance(module, nn.Linear) or any(name.endswith(e) for e in exclude):
             continue
         weight = module.weight.detach()
-        module.weight = nn.Parameter(quantize_weight(weight, scheme, groupsize)[0], requires_grad=False)
+        group = groupsize
+        if group and weight.shape[1] % group:
+            group = quantize.layer_groupsize(weight.shape[1], group) or group
+        quantized = quantize_weight(weight, scheme, group)[0]
+        if type(quantized).__name__ == "Int4Tensor":  # the stored form; CPU runs the repacked one
+            quantized = int4_for_device(quantized, torch.device("cpu"))
+            module.forward = types.MethodType(int4_cpu_linear_forward, module)
+        module.weight = nn.Parameter(quantized, requires_grad=False)
         if module.weight.shape[1] != weight.shape[1]:
             module.register_forward_pre_hook(pad_input_to_weight)
     return model
@@ -113,17 +122,19 @@ def test_each_scheme_reloads_bit_exact(tied, tmp_path, scheme, capsys):
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")] + ["lm_head"]
     assert sorted(info["quantized"]) == sorted(linears)
     assert info["kept"] == {}
-    if scheme in quantize.GROUPED_SCHEMES:
+    assert info["padded"] == {} and info["transformers_loadable"]
+    if scheme in quantize.GROUPED_SCHEMES:  # 320 is no multiple of 256: those layers take 64, never skipped
         assert info["groupsize"] == 256
-        assert info["padded"] == {f"model.layers.{i}.mlp.down_proj": {"in_features": 320, "padded_in_features": 512}
-                                  for i in range(2)}
-        assert ("padded (not skipped): 2 linear layers with in_features 320 -> 512 to fit groupsize 256"
+        assert info["smaller_group"] == {f"model.layers.{i}.mlp.down_proj": {"in_features": 320, "group_size": 64}
+                                         for i in range(2)}
+        assert info["group_sizes"] == {name: 64 if name.endswith("down_proj") else 256 for name in linears}
+        assert ("group size 256 does not divide in_features: 2 linear layers with in_features 320 -> group size 64"
                 in capsys.readouterr().out)
         progress = (tmp_path / "out.progress").read_text()
-        assert "padded model.layers.0.mlp.down_proj" in progress
+        assert "model.layers.0.mlp.down_proj: in_features 320, group size 64" in progress
     else:
-        assert info["groupsize"] is None and info["padded"] == {}
-    assert info["weights_file"] == ("model.pt" if scheme == "int4_weight_only" else "model.safetensors")
+        assert info["groupsize"] is None and info["smaller_group"] == {} and info["group_sizes"] == {}
+    assert info["weights_file"] == "model.safetensors"  # every scheme: no pickle
     assert info["bytes_after"] == (tmp_path / "out" / info["weights_file"]).stat().st_size
     args = ModelArgs(**TIED)
     embed = args.vocab_size * args.dim
@@ -134,15 +145,18 @@ def test_each_scheme_reloads_bit_exact(tied, tmp_path, scheme, capsys):
     assert info["scheme"] == scheme and info["dtype"] == "bfloat16" and info["device"] == "cpu"
     assert info["peak_rss_bytes"] >= info["rss_at_start_bytes"] > 0 and info["seconds"] > 0
     assert (tmp_path / "out" / "tokenizer.json").read_text() == (tied / "tokenizer.json").read_text()
-    assert (tmp_path / "out" / "config.json").read_text() == (tied / "config.json").read_text()
+    config, source_config = (json.loads((folder / "config.json").read_text()) for folder in (tmp_path / "out", tied))
+    quantization_config = config.pop("quantization_config")
+    assert quantization_config["quant_method"] == "torchao" and config.pop("tie_word_embeddings") is False
+    source_config.pop("tie_word_embeddings", None)
+    assert config == source_config  # everything else as the source had it
 
 
 def test_int4_group_256_is_packed_and_smaller_than_int8(tied, tmp_path):
     info = build(tied, tmp_path / "int4", scheme="int4_weight_only")
-    assert info["config"] == {
-        "config": "tunemake.models.quantized.int4_cpu_weight",
-        "note": "torchao Int4OpaqueTensor.from_hp's steps without its group_size <= 128 and out_features % 16 limits",
-        "group_size": 256, "packing": "int4pack_for_cpu", "tensor": "Int4OpaqueTensor"}
+    assert info["config"] == {"config": "Int4WeightOnlyConfig", "group_size": 256, "packing": "plain",
+                              "tensor": "Int4Tensor", "qparams": "tinygemm (asymmetric, float zero point)"}
+    assert info["packing"].startswith("Int4Tensor plain (device-neutral)")
     int8 = build(tied, tmp_path / "int8", scheme="int8_weight_only")
     assert info["bytes_after"] < 0.75 * int8["bytes_after"]
 
@@ -192,8 +206,9 @@ def test_quantizing_rows_in_chunks_gives_the_same_tensor(scheme):
     assert chunked.__tensor_flatten__() == (names, attributes)
     for name in names:
         assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
-    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
-    assert torch.equal(nn.functional.linear(x, chunked), nn.functional.linear(x, whole))
+    if type(whole).__name__ != "Int4Tensor":  # the stored int4 form has no CPU kernel; its repacking is tested below
+        x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
+        assert torch.equal(nn.functional.linear(x, chunked), nn.functional.linear(x, whole))
     if groupsize:  # padding chunk by chunk = quantizing the zero-padded weight
         narrow = weight[:, :200]
         chunked, _ = quantize_weight(narrow, scheme, groupsize, chunk_rows=64)
@@ -319,10 +334,8 @@ def test_run_fails_before_writing_on_bad_exclude_or_device(tied, tmp_path):
             build(tied, tmp_path / "out", scheme="int8_weight_only", device="cuda")
 
 
-def test_reload_refuses_cpu_int4_on_cuda_and_mismatched_tensors(tied, tmp_path):
+def test_reload_refuses_bad_records_pickles_and_mismatched_tensors(tied, tmp_path):
     build(tied, tmp_path / "out", scheme="int4_weight_only", groupsize=64)
-    with pytest.raises(ValueError, match="int4 weights are packed for cpu, cannot load on cuda"):
-        load_quantized_model(tmp_path / "out", device="cuda")
     record = tmp_path / "out" / "quantization.json"
     info = json.loads(record.read_text())
     record.write_text(json.dumps({**info, "dtype": None}))
@@ -332,7 +345,12 @@ def test_reload_refuses_cpu_int4_on_cuda_and_mismatched_tensors(tied, tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     config["num_hidden_layers"] = 1
     (tmp_path / "out" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"model.pt: tensors do not match .*unexpected: \['model.layers.1"):
+    with pytest.raises(ValueError, match=r"model.safetensors: tensors do not match .*unexpected: \['model.layers.1"):
+        load_model(tmp_path / "out")
+    # an output of an older tunemake (pickled int4 weights): refused, never unpickled
+    (tmp_path / "out" / "model.safetensors").rename(tmp_path / "out" / "model.pt")
+    record.write_text(json.dumps({**info, "weights_file": "model.pt"}))
+    with pytest.raises(ValueError, match="model.pt: written by an older tunemake as a pickle; quantize again"):
         load_model(tmp_path / "out")
 
 
@@ -340,7 +358,8 @@ def test_summary_and_resources(tied, tmp_path, monkeypatch):
     build(tied, tmp_path / "out", scheme="int8_dynamic_activation_int4_weight", groupsize=128)
     text = quantize.summary(tmp_path / "out")
     assert "int8_dynamic_activation_int4_weight, group size 128, bfloat16 on cpu" in text
-    assert "15 quantized (2 padded), 0 kept" in text and "model.safetensors" in text
+    assert "15 quantized (2 with a smaller group size, 0 padded), 0 kept" in text and "model.safetensors" in text
+    assert "loads in transformers: yes" in text
     params = lambda device: quantize.Params(model="m", scheme="int8_weight_only", device=device)  # noqa: E731
     assert quantize.resources(params("cuda")) == {"gpus": 1}
     assert quantize.resources(params("cpu")) == {}
@@ -399,15 +418,15 @@ def test_cli_builds_shows_and_reuses_the_quantized_target(project, tmp_path):
     project.build("int4")
     out = project.root / "targets" / "int4"
     info = json.loads((out / "quantization.json").read_text())
-    assert info["groupsize"] == 256 and len(info["quantized"]) == 14 and len(info["padded"]) == 2
+    assert info["groupsize"] == 256 and len(info["quantized"]) == 14 and len(info["smaller_group"]) == 2
     direct = tmp_path / "direct"
     build(project.root / "base", direct, scheme="int4_weight_only", exclude=["lm_head"])
     assert torch.equal(logits(load_model(out)), logits(load_model(direct)))
 
     shown = project.run("show", "int4", check=True).stdout
-    assert "linear layers: 14 quantized (2 padded), 1 kept in bfloat16" in shown
+    assert "linear layers: 14 quantized (2 with a smaller group size, 0 padded), 1 kept in bfloat16" in shown
     log = "\n".join(p.read_text() for p in project.root.rglob("*.log"))
-    assert "padded (not skipped): 2 linear layers with in_features 320 -> 512" in log
+    assert "2 linear layers with in_features 320 -> group size 64 (not skipped)" in log
     project.build("int4")
     assert json.loads((out / "quantization.json").read_text()) == info  # restored, not rebuilt
 
@@ -439,15 +458,16 @@ def test_int4_cpu_dequantize_is_the_weight_the_kernel_uses(rows, groupsize):
 def test_loaded_int4_model_uses_the_kernel_for_decode_and_dense_math_for_long_inputs(tied, tmp_path):
     build(tied, tmp_path / "out", scheme="int4_weight_only")
     model = load_model(tmp_path / "out")
-    linear = model.model.layers[0].mlp.down_proj  # padded: 320 -> 512 input features
+    linear = model.model.layers[0].mlp.down_proj  # 320 input features, group size 64
+    assert type(linear.weight).__name__ == "Int4OpaqueTensor" and linear.weight.block_size == [1, 64]
     dense = int4_cpu_dequantize(linear.weight)
     generator = torch.Generator().manual_seed(0)
     few = torch.randn(1, 3, 320, generator=generator).bfloat16()
     many = torch.randn(2, INT4_CPU_DEQUANTIZE_ROWS // 2, 320, generator=generator).bfloat16()
     with torch.no_grad():
-        assert torch.equal(linear(few), nn.functional.linear(nn.functional.pad(few, (0, 192)), linear.weight))
+        assert torch.equal(linear(few), nn.functional.linear(few, linear.weight))
         fast = linear(many)
-        assert torch.equal(fast, nn.functional.linear(nn.functional.pad(many, (0, 192)), dense))
-        kernel = nn.functional.linear(nn.functional.pad(many, (0, 192)), linear.weight)
+        assert torch.equal(fast, nn.functional.linear(many, dense))
+        kernel = nn.functional.linear(many, linear.weight)
     # the same int4 model: the two paths differ only by rounding the weight to bf16
     assert ((fast.float() - kernel.float()).norm() / kernel.float().norm()) < 1e-2

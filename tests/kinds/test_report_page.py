@@ -168,3 +168,71 @@ def test_same_doc_ids_with_other_documents_are_refused(tmp_path):
     proc = project.build(check=False)
     assert proc.returncode == 1
     assert "scored different documents under the same ids for mc acc (1 differ, first doc_id 3)" in proc.stdout
+
+
+def test_each_filter_shows_its_own_answers_and_nan_metrics_keep_the_json_strict(tmp_path):
+    """gsm8k-style logs have one line per document and filter: a flipped strict-match row shows
+    the strict-match answers. A NaN in results.json is left out, never written as bare NaN."""
+    for name, strict in (("base", {d: True for d in range(10)}), ("v", {d: d >= 3 for d in range(10)})):
+        folder = tmp_path / "ev" / name
+        (folder / "samples").mkdir(parents=True)
+        lines = []
+        for doc in range(10):
+            for filter_name, right in (("strict-match", strict[doc]), ("flexible-extract", True)):
+                lines.append(json.dumps({"doc_id": doc, "arguments": [[f"Q{doc}?", {"until": ["\n"]}]],
+                                         "target": "42", "filtered_resps": [f"{filter_name}-{name}-{doc}"],
+                                         "filter": filter_name, "metrics": ["exact_match"],
+                                         "doc_hash": str(doc), "exact_match": float(right)}))
+        (folder / "samples" / "gsm.jsonl").write_text("\n".join(lines) + "\n")
+        results = {"gsm": {"exact_match,strict-match": sum(strict.values()) / 10, "exact_match,flexible-extract": 1.0,
+                           "bleu,none": float("nan")}}
+        (folder / "results.json").write_text(json.dumps({"results": results}))  # json writes NaN bare
+        (folder / "checkpoint.json").write_text(json.dumps({"model": name, "weight_bytes": 10}))
+    project = Project(tmp_path)
+    project.tunefile('[target.report]\nkind = "report"\ntitle = "Cost $5 vs $x^$ b"\nevals = ["ev/base", "ev/v"]\n')
+    project.build()
+    report = json.loads(project.read("targets/report/report.json"), parse_constant=lambda c: pytest.fail(c))
+    assert [row["metric"] for row in report["paired"]] == ["gsm exact_match (strict-match)",
+                                                           "gsm exact_match (flexible-extract)"]
+    html = project.read("targets/report/report.html")
+    row = html[html.index("<tr><td>0</td><td>right → wrong</td>"):]
+    row = row[:row.index("</tr>")]
+    assert "<pre>strict-match-base-0</pre>" in row and "<pre>strict-match-v-0</pre>" in row
+    assert "gsm bleu" not in report["metrics"]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"doc_id": 0, "metrics": ["acc"], "acc": 1', "mc.jsonl:1: not a JSON line"),
+    ('[1, 2, 3]', "mc.jsonl:1: not an lm-eval sample"),
+    ('{"doc_id": 0, "metrics": ["acc"], "acc": null}', "mc.jsonl:1: doc_id 0 has acc = None, not a finite number"),
+    ('{"doc_id": 0, "metrics": "acc", "acc": 1}', "mc.jsonl:1: metrics must be a list of names"),
+    ('{"doc_id": 0, "metrics": ["acc"], "acc": 1}\n{"doc_id": 0, "metrics": ["acc"], "acc": 0}',
+     "mc.jsonl:2: doc_id 0 appears twice for filter none"),
+])
+def test_a_bad_sample_line_is_named_with_its_file_and_line(tmp_path, line, message):
+    write_mc_eval(tmp_path / "ev/a", {0: True}, 1)
+    write_mc_eval(tmp_path / "ev/b", {0: True}, 1)
+    (tmp_path / "ev/b/samples/mc.jsonl").write_text(line + "\n")
+    project = Project(tmp_path)
+    project.tunefile('[target.report]\nkind = "report"\nevals = ["ev/a", "ev/b"]\n')
+    proc = project.build(check=False)
+    assert proc.returncode == 1 and message in proc.stdout, proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_other_num_fewshot_is_refused_and_direction_comes_from_any_eval(tmp_path):
+    write_mc_eval(tmp_path / "ev/a", {d: True for d in range(5)}, 2)
+    write_mc_eval(tmp_path / "ev/b", {d: True for d in range(5)}, 1)
+    for name, shots in (("a", 0), ("b", 5)):
+        results = json.loads((tmp_path / "ev" / name / "results.json").read_text())
+        (tmp_path / "ev" / name / "results.json").write_text(json.dumps({**results, "n-shot": {"mc": shots}}))
+    project = Project(tmp_path)
+    project.tunefile('[target.report]\nkind = "report"\nevals = ["ev/a", "ev/b"]\n')
+    proc = project.build(check=False)
+    assert proc.returncode == 1 and "scored mc with different num_fewshot (5 and 0)" in proc.stdout, proc.stdout
+
+    # a perplexity only the variants report: lower is better, as they say, not the default
+    from tunemake.kinds.report import direction
+
+    rows = [{"higher_is_better": {}}, {"higher_is_better": {"wiki word_perplexity": False}}]
+    assert direction("wiki word_perplexity", rows) is False and direction("other", rows) is True

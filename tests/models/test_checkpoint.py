@@ -179,9 +179,13 @@ def test_quantized_folder_delegates_to_quantized_module(tmp_path, monkeypatch):
     calls = []
     fake = types.ModuleType("tunemake.models.quantized")
     fake.load_quantized_model = lambda folder, device, dtype: calls.append((folder, device, dtype)) or "quantized"
+    fake.torchao_config = lambda folder: {"quant_method": "torchao"} if folder.name == "hf" else None
     monkeypatch.setitem(sys.modules, "tunemake.models.quantized", fake)
     assert load_model(tmp_path, dtype=torch.bfloat16) == "quantized"
-    assert calls == [(tmp_path, "cpu", torch.bfloat16)]
+    # a folder transformers wrote (a TorchAoConfig in config.json, no quantization.json) goes there too
+    (tmp_path / "hf").mkdir()
+    assert load_model(tmp_path / "hf", dtype=torch.bfloat16) == "quantized"
+    assert calls == [(tmp_path, "cpu", torch.bfloat16), (tmp_path / "hf", "cpu", torch.bfloat16)]
 
 
 def test_config_defaults_follow_transformers_per_family():

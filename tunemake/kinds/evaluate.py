@@ -180,9 +180,10 @@ def checkpoint_info(folder: Path, model_name: str) -> dict:
         "weight_bytes": sum(p.stat().st_size for p in files),
         "quantization": None,
     }
-    quantization = folder / "quantization.json"
-    if quantization.is_file():
-        recorded = json.loads(quantization.read_text())
+    from tunemake.models.quantized import read_quantization_info, torchao_config
+
+    if (folder / "quantization.json").is_file() or torchao_config(folder) is not None:
+        recorded = read_quantization_info(folder)
         info["quantization"] = {key: recorded.get(key) for key in ("scheme", "groupsize", "dtype")}
     return info
 

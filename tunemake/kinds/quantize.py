@@ -1,10 +1,16 @@
-"""kind = "quantize": a Hugging Face checkpoint -> a torchao-quantized checkpoint folder.
+"""kind = "quantize": a Hugging Face checkpoint -> a transformers + torchao checkpoint folder.
 
 Weights are read one tensor at a time from the source safetensors and quantized as they
 come, so peak memory is the quantized model plus one full-precision tensor, not the
-full-precision model. Layers whose in_features the group size does not divide are padded
-(see tunemake.models.quantized), printed, reported as progress and listed in
-quantization.json, never skipped. The output loads with tunemake.models.load_model.
+full-precision model. The output is what transformers' TorchAoConfig writes (config.json with
+its quantization_config, model.safetensors in torchao's flattened format), so
+`AutoModelForCausalLM.from_pretrained` loads it, and tunemake.models.load_model too.
+
+A layer whose in_features the group size does not divide is never skipped (torchao's
+quantize_ skips it silently): it gets the largest kernel group size below that divides it,
+recorded per module in the quantization_config; only when none does is it zero-padded
+(a form only tunemake loads). Either is printed, reported as progress and listed in
+quantization.json.
 """
 
 from __future__ import annotations
@@ -31,7 +37,15 @@ SCHEMES = Literal[
 ]
 GROUPED_SCHEMES = ("int4_weight_only", "int8_dynamic_activation_int4_weight")
 DEFAULT_GROUPSIZE = 256  # torchtune's int4 quantization configs use 256
-INT4_KERNEL_GROUPSIZES = (32, 64, 128, 256)  # tinygemm (CUDA) and aten int4pack (CPU)
+INT4_KERNEL_GROUPSIZES = (32, 64, 128, 256)  # tinygemm (CUDA), aten int4pack (CPU), mslk
+
+
+def layer_groupsize(in_features: int, requested: int) -> int | None:
+    """The largest kernel group size up to `requested` that divides in_features (None: none does)."""
+    for size in sorted(INT4_KERNEL_GROUPSIZES, reverse=True):
+        if size <= requested and in_features % size == 0:
+            return size
+    return None
 
 
 class Params(BaseModel):
@@ -115,8 +129,10 @@ def summary(out_dir) -> str:
     lines = [
         f"{info['scheme']}{group}, {info['dtype']} on {info['device']}: "
         f"{config.get('config')} -> {config.get('tensor')}",
-        f"linear layers: {len(info['quantized'])} quantized ({len(info['padded'])} padded), "
-        f"{len(info['kept'])} kept in {info['dtype']}",
+        f"linear layers: {len(info['quantized'])} quantized ({len(info.get('smaller_group', {}))} with a smaller "
+        f"group size, {len(info['padded'])} padded), {len(info['kept'])} kept in {info['dtype']}",
+        f"packing: {info.get('packing')}; loads in transformers: "
+        f"{'yes' if info.get('transformers_loadable', True) else 'no (padded layers)'}",
         f"weights: {info['bytes_before'] / 1e6:.1f} MB -> {info['bytes_after'] / 1e6:.1f} MB ({info['weights_file']})",
         f"took {info['seconds']:.1f} s, peak RSS {info['peak_rss_bytes'] / 1e6:.0f} MB; "
         f"torch {info['torch_version']}, torchao {info['torchao_version']}",
@@ -171,6 +187,7 @@ def run(params: Params, ctx) -> None:
 
     config_used = None
     bytes_before = 0
+    groups, smaller = {}, {}  # module -> group size used; those below the requested one, and why
     for done, (name, source_name) in enumerate(plan):
         module_name, _, leaf = name.rpartition(".")
         if source_name in state_dict:  # the tied output projection: the embedding, already read
@@ -186,9 +203,18 @@ def run(params: Params, ctx) -> None:
             state_dict[name] = tensor
             kept[module_name] = "excluded"
         else:
-            state_dict[name], config_used = quantize_weight(tensor, params.scheme, params.groupsize)
+            in_features = tensor.shape[1]
+            group = params.groupsize
+            if group is not None and in_features % group:
+                fitting = layer_groupsize(in_features, group)
+                if fitting is not None:
+                    group = fitting
+                    smaller[module_name] = {"in_features": in_features, "group_size": group}
+                    ctx.progress(done, len(plan), f"{module_name}: in_features {in_features}, group size {group}")
+            state_dict[name], config_used = quantize_weight(tensor, params.scheme, group)
+            groups[module_name] = group
             quantized.append(module_name)
-            in_features, stored_in_features = tensor.shape[1], state_dict[name].shape[1]
+            stored_in_features = state_dict[name].shape[1]
             if stored_in_features != in_features:
                 padded[module_name] = {"in_features": in_features, "padded_in_features": stored_in_features}
                 message = f"padded {module_name}: in_features {in_features} -> {stored_in_features}"
@@ -198,9 +224,14 @@ def run(params: Params, ctx) -> None:
 
     ctx.out.mkdir(parents=True, exist_ok=True)
     weights_file = save_quantized_state_dict(state_dict, ctx.out)
-    for file_name in (CONFIG_FILE, *TOKENIZER_FILES):
+    for file_name in TOKENIZER_FILES:
         if (source / file_name).is_file():
             shutil.copyfile(source / file_name, ctx.out / file_name)
+    config = json.loads((source / CONFIG_FILE).read_text(encoding="utf-8"))
+    if "lm_head" in quantized and getattr(model, "lm_head", None) is None:
+        config["tie_word_embeddings"] = False  # the tied output projection is quantized on its own
+    config["quantization_config"] = torchao_quantization_config(params, groups, sorted(kept))
+    (ctx.out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     info = {
         "scheme": params.scheme,
         "groupsize": params.groupsize,
@@ -209,9 +240,14 @@ def run(params: Params, ctx) -> None:
         "exclude": params.exclude,
         "config": config_used or {},
         "weights_file": weights_file,
+        # stored device-neutral; tunemake repacks it when loading (transformers needs mslk on CUDA for it)
+        "packing": PACKING.get(params.scheme, "torchao's own, the same on every device"),
         "quantized": quantized,
+        "group_sizes": {module: groups[module] for module in quantized} if params.groupsize else {},
+        "smaller_group": smaller,
         "padded": padded,
         "kept": kept,
+        "transformers_loadable": not padded,
         "bytes_before": bytes_before,  # the full-precision tensors, in dtype
         "bytes_after": (ctx.out / weights_file).stat().st_size,
         "seconds": round(time.perf_counter() - started, 3),
@@ -222,16 +258,70 @@ def run(params: Params, ctx) -> None:
         "torchao_version": torchao.__version__,
     }
     (ctx.out / QUANTIZATION_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    narrower = Counter(f"{p['in_features']} -> group size {p['group_size']}" for p in smaller.values())
+    for what, count in sorted(narrower.items()):
+        print(f"group size {params.groupsize} does not divide in_features: {count} linear layers with in_features "
+              f"{what} (not skipped); names in {QUANTIZATION_FILE}", flush=True)
     widenings = Counter(f"{p['in_features']} -> {p['padded_in_features']}" for p in padded.values())
     for widening, count in sorted(widenings.items()):
         print(f"padded (not skipped): {count} linear layers with in_features {widening} to fit groupsize "
-              f"{params.groupsize}; names in {QUANTIZATION_FILE}", flush=True)
+              f"{params.groupsize}; names in {QUANTIZATION_FILE}; transformers cannot load padded layers", flush=True)
     print(
-        f"quantized {len(quantized)} linear layers with {params.scheme} ({len(padded)} of them padded), "
-        f"kept {len(kept)} in {params.dtype}; "
+        f"quantized {len(quantized)} linear layers with {params.scheme} ({len(smaller)} with a smaller group size, "
+        f"{len(padded)} padded), kept {len(kept)} in {params.dtype}; "
         f"{info['bytes_before'] / 1e6:.1f} MB -> {info['bytes_after'] / 1e6:.1f} MB",
         flush=True,
     )
+
+
+PACKING = {"int4_weight_only": "Int4Tensor plain (device-neutral); repacked when loaded: int4pack_for_cpu on CPU, "
+                               "tinygemm tile_packed_to_4d on CUDA"}
+
+
+def layer_config(scheme: str, groupsize: int | None):
+    """The torchao config object that describes a layer quantized with scheme at groupsize."""
+    import torch
+    from torchao.quantization import (
+        Float8WeightOnlyConfig,
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8DynamicActivationIntxWeightConfig,
+        Int8WeightOnlyConfig,
+        PerGroup,
+    )
+
+    if scheme == "int4_weight_only":
+        return Int4WeightOnlyConfig(group_size=groupsize, int4_packing_format="plain")
+    if scheme == "int8_dynamic_activation_int4_weight":
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(groupsize))
+    return {"int8_weight_only": Int8WeightOnlyConfig, "int8_dynamic_activation_int8_weight":
+            Int8DynamicActivationInt8WeightConfig, "float8_weight_only": Float8WeightOnlyConfig}[scheme]()
+
+
+def torchao_quantization_config(params: Params, groups: dict[str, int | None], kept: list[str]) -> dict:
+    """config.json's quantization_config, as transformers' TorchAoConfig.to_dict() writes it: one
+    torchao config for every layer, or an FqnToConfig where group sizes differ."""
+    import warnings
+    from collections import Counter
+
+    from torchao.core.config import config_to_dict
+    from torchao.quantization import FqnToConfig
+
+    sizes = Counter(groups.values())
+    if len(sizes) <= 1:
+        quant_type = layer_config(params.scheme, next(iter(sizes)) if sizes else params.groupsize)
+    else:
+        # "_default" for the most common size and a key per other module: vLLM matches keys against its fused
+        # module names (qkv_proj, gate_up_proj), so only layers it does not fuse (down_proj) may be named
+        common = sizes.most_common(1)[0][0]
+        configs = {"_default": layer_config(params.scheme, common)}
+        configs.update((module, layer_config(params.scheme, size)) for module, size in groups.items() if size != common)
+        with warnings.catch_warnings():  # torchao 0.18 calls "_default" deprecated; transformers and vLLM read it
+            warnings.simplefilter("ignore")
+            quant_type = FqnToConfig(configs)
+    return {"quant_method": "torchao", "quant_type": {"default": config_to_dict(quant_type)},
+            "modules_to_not_convert": kept or None, "include_input_output_embeddings": False,
+            "untie_embedding_weights": False}
 
 
 def _resolve_device(name: str):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,7 +38,7 @@ def validate(params: Params, project_dir) -> None:
     # evals here lack paths inside other targets' outputs (`e2/sub`): such a baseline is checked at run time
     if params.baseline is not None and params.baseline not in params.evals and "/" not in params.baseline:
         raise ValueError(f"baseline: {params.baseline!r} is not one of evals {params.evals}")
-    if len(set(params.evals)) != len(params.evals):
+    if len({os.path.normpath(e) for e in params.evals}) != len(params.evals):
         raise ValueError("evals: an eval is listed twice")
 
 
@@ -63,18 +64,25 @@ def run(params: Params, ctx) -> None:
             raise ValueError(f"baseline: {params.baseline!r} is not one of evals ({', '.join(r['eval'] for r in rows)})")
         baseline = matches[0]
 
-    by_model = {row["model"]: row for row in rows}
+    by_model: dict[str, list[dict]] = {}
+    for row in rows:
+        by_model.setdefault(row["model"], []).append(row)
+    timed: dict[str, str] = {}
     for path in params.samples:
-        speed = read_speed(project_dir / path)
-        row = by_model.get(speed["model"])
-        if row is None:
+        speed = read_speed(project_dir / path, label(path))
+        if speed["model"] not in by_model:
             raise ValueError(
                 f"samples: {label(path)} ran model {speed['model']!r}, which none of the evals used "
                 f"({', '.join(sorted(by_model))})"
             )
-        row["decode_tokens_per_s"] = speed["decode_tokens_per_s"]
-        row["time_to_first_token_s"] = speed["time_to_first_token_s"]
-        row["speed_from"] = label(path)
+        if speed["model"] in timed:
+            raise ValueError(f"samples: {label(path)} and {timed[speed['model']]} both timed model "
+                             f"{speed['model']!r}; give one generate target per model")
+        timed[speed["model"]] = label(path)
+        for row in by_model[speed["model"]]:  # every eval of that model
+            row["decode_tokens_per_s"] = speed["decode_tokens_per_s"]
+            row["time_to_first_token_s"] = speed["time_to_first_token_s"]
+            row["speed_from"] = label(path)
 
     metrics = list(dict.fromkeys(key for row in rows for key in row["metrics"]))
     for row in rows:
@@ -88,17 +96,20 @@ def run(params: Params, ctx) -> None:
 
     out = Path(ctx.out)
     report = {"title": params.title, "baseline": baseline["eval"], "metrics": metrics,
-              "higher_is_better": {m: baseline["higher_is_better"].get(m, True) for m in metrics}, "rows": rows,
+              "higher_is_better": {m: direction(m, [baseline, *rows]) for m in metrics}, "rows": rows,
               "alpha": paired.ALPHA, "paired": paired_rows(rows, baseline),
               "divergence": divergence_rows(rows, baseline)}
     report["pareto"] = pareto(report)
+    report["figure_notes"] = report_plots.notes(report)
     figures = report_plots.write_all(report, out)
     report["figures"] = list(figures)
-    (out / "report.html").write_text(report_html.page(report, baseline, figures), encoding="utf-8")
+    # backslashreplace: a lone surrogate in a prompt from a foreign log must not fail the page
+    (out / "report.html").write_text(report_html.page(report, baseline, figures), encoding="utf-8",
+                                     errors="backslashreplace")
     for row in rows:
         for key in ("samples", "metric_task", "choices", "docs"):
             row.pop(key)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")  # strict JSON for CI
     (out / "report.md").write_text(markdown(report), encoding="utf-8")
     print(markdown(report), flush=True)
 
@@ -148,7 +159,7 @@ def paired_rows(rows: list[dict], baseline: dict) -> list[dict]:
                     f"evals: {row['eval']} and {baseline['eval']} scored different documents for {metric} "
                     f"({len(values)} and {len(base)}, {common} in common); paired statistics need the same "
                     "documents (the same tasks, limit and num_fewshot)")
-            base_docs, docs = baseline["docs"].get(task, {}), row["docs"].get(task, {})
+            base_docs, docs = baseline["docs"].get(metric, {}), row["docs"].get(metric, {})
             changed = [d for d in sorted(values, key=_doc_order)
                        if (base_docs.get(d) or {}).get("hash") != (docs.get(d) or {}).get("hash")]
             if changed:
@@ -156,14 +167,28 @@ def paired_rows(rows: list[dict], baseline: dict) -> list[dict]:
                     f"evals: {row['eval']} and {baseline['eval']} scored different documents under the same "
                     f"ids for {metric} ({len(changed)} differ, first doc_id {changed[0]}): the task's data "
                     "changed between them; paired statistics need the same documents")
-            higher = baseline["higher_is_better"].get(metric, True)
+            if row["n_shot"].get(task) != baseline["n_shot"].get(task):
+                raise ValueError(
+                    f"evals: {row['eval']} and {baseline['eval']} scored {task} with different num_fewshot "
+                    f"({row['n_shot'].get(task)} and {baseline['n_shot'].get(task)}): the same documents under "
+                    "other prompts are not paired data")
+            higher = direction(metric, [baseline, row])
             entry = {"eval": row["eval"], "metric": metric, "task": task, **paired.compare(base, values, higher)}
             if entry["binary"]:
                 entry["flips"] = [{"doc_id": d, "direction": "right_to_wrong" if base[d] else "wrong_to_right"}
                                   for d in sorted(values, key=_doc_order) if base[d] != values[d]]
             found.append(entry)
+    for row in rows:
+        if row is not baseline and row["samples"] and baseline["samples"] and not set(row["samples"]) & set(baseline["samples"]):
+            raise ValueError(f"evals: {row['eval']} and {baseline['eval']} share no metric ({', '.join(sorted(row['samples']))} "
+                             f"against {', '.join(sorted(baseline['samples']))}): nothing to pair")
     paired.verdicts(found)
     return found
+
+
+def direction(metric: str, rows: list[dict]) -> bool:
+    """Whether higher is better for metric, as the first eval that reports it says (default: yes)."""
+    return next((row["higher_is_better"][metric] for row in rows if metric in row["higher_is_better"]), True)
 
 
 def _doc_order(doc_id: str):
@@ -173,42 +198,72 @@ def _doc_order(doc_id: str):
 def read_samples(folder: Path) -> dict[str, dict]:
     """From an eval's per-sample logs: samples {metric (named as in the metrics table): {doc_id:
     value}}, metric_task {metric: its task}, for multiple-choice tasks choices {task: {doc_id:
-    [log-likelihood of each choice]}}, and docs {task: {doc_id: what the report shows of a document
-    (its prompt, target, this model's answer, the document's hash)}}."""
+    [log-likelihood of each choice]}}, and docs {metric: {doc_id: what the report shows of a
+    document (its prompt, target, this model's answer, the document's hash)}}. lm-eval writes a
+    line per document and filter, so the answers shown belong to the metric's own filter."""
     values: dict[str, dict] = {}
     metric_task: dict[str, str] = {}
     choices: dict[str, dict] = {}
     docs: dict[str, dict] = {}
     for path in sorted((folder / "samples").glob("*.jsonl")):
         task = path.stem  # the eval kind writes samples/TASK.jsonl
-        for line in path.read_text(encoding="utf-8").splitlines():
+        seen: set[tuple[str, str]] = set()
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             if not line.strip():
                 continue
-            sample = json.loads(line)
+            where = f"{path}:{number}"
+            try:
+                sample = json.loads(line)
+            except ValueError as error:
+                raise ValueError(f"evals: {where}: not a JSON line ({error})") from None
+            if not isinstance(sample, dict) or "doc_id" not in sample:
+                raise ValueError(f"evals: {where}: not an lm-eval sample (an object with doc_id)")
+            if not isinstance(sample["doc_id"], (int, str)) or isinstance(sample["doc_id"], bool):
+                raise ValueError(f"evals: {where}: doc_id must be an integer or a string, got {sample['doc_id']!r}")
             doc = str(sample["doc_id"])
-            for metric in sample.get("metrics", []):
-                value = sample.get(metric)
-                if isinstance(value, (bool, int, float)) and math.isfinite(value):
-                    name = metric_name(task, metric, sample.get("filter", "none"))
-                    values.setdefault(name, {})[doc] = float(value)
-                    metric_task[name] = task
+            filter_name = sample.get("filter") or "none"
+            if not isinstance(filter_name, str):
+                raise ValueError(f"evals: {where}: filter must be a string, got {filter_name!r}")
+            if (doc, filter_name) in seen:
+                raise ValueError(f"evals: {where}: doc_id {doc} appears twice for filter {filter_name}")
+            seen.add((doc, filter_name))
+            names = sample.get("metrics", [])
+            if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+                raise ValueError(f"evals: {where}: metrics must be a list of names, got {names!r}")
             lls = _choice_loglikelihoods(sample.get("filtered_resps"))
-            if lls is not None and len(lls) > 1:
+            for metric in names:
+                value = sample.get(metric)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ValueError(f"evals: {where}: doc_id {doc} has {metric} = {value!r}, not a finite number")
+                name = metric_name(task, metric, filter_name)
+                values.setdefault(name, {})[doc] = float(value)
+                metric_task[name] = task
+                docs.setdefault(name, {})[doc] = _shown(sample, lls, normalized=metric == "acc_norm")
+            if lls is not None and len(lls) > 1 and all(math.isfinite(v) for v in lls):
                 choices.setdefault(task, {})[doc] = lls
-            docs.setdefault(task, {})[doc] = _shown(sample, lls)
     return {"samples": values, "metric_task": metric_task, "choices": choices, "docs": docs}
 
 
-def _shown(sample: dict, lls: list[float] | None) -> dict:
-    """A document as the flipped-questions list shows it: the prompt, the target and the model's
-    answer (for multiple choice the continuation it scored highest, else its filtered output)."""
+def _arguments(sample: dict) -> list[list]:
+    """A sample's request arguments as [context, continuation-or-kwargs] pairs: the eval kind writes
+    lists, lm-eval's own logger {"gen_args_0": {"arg_0": ..., "arg_1": ...}, ...}."""
     arguments = sample.get("arguments")
-    pairs = [a for a in arguments if isinstance(a, list) and a] if isinstance(arguments, list) else []
+    if isinstance(arguments, dict):
+        arguments = [[a.get("arg_0"), a.get("arg_1")] if isinstance(a, dict) else a for a in arguments.values()]
+    return [a for a in arguments if isinstance(a, list) and a] if isinstance(arguments, list) else []
+
+
+def _shown(sample: dict, lls: list[float] | None, normalized: bool = False) -> dict:
+    """A document as the flipped-questions list shows it: the prompt, the target and the model's
+    answer (for multiple choice the continuation it scored highest, per character for acc_norm
+    as lm-eval does, else its filtered output)."""
+    pairs = _arguments(sample)
     prompt = str(pairs[0][0]) if pairs else ""
     continuations = [str(a[1]) for a in pairs if len(a) > 1 and isinstance(a[1], str)]
     target = sample.get("target")
     if lls is not None and len(lls) > 1 and len(continuations) == len(lls):
-        answer = continuations[lls.index(max(lls))]
+        scores = [ll / max(len(c.removeprefix(" ")), 1) for ll, c in zip(lls, continuations)] if normalized else lls
+        answer = continuations[scores.index(max(scores))]
         if isinstance(target, int) and not isinstance(target, bool) and 0 <= target < len(continuations):
             target = continuations[target]
     else:
@@ -271,38 +326,74 @@ def read_eval(folder: Path, label: str) -> dict:
     results_file, checkpoint_file = folder / "results.json", folder / "checkpoint.json"
     if not results_file.is_file() or not checkpoint_file.is_file():
         raise ValueError(f"evals: {label} is not an eval output (no results.json and checkpoint.json in {folder})")
-    results = json.loads(results_file.read_text())
-    checkpoint = json.loads(checkpoint_file.read_text())
+    results, checkpoint = _json_object(results_file), _json_object(checkpoint_file)
+    tasks = results.get("results")
+    if not isinstance(tasks, dict) or not all(isinstance(v, dict) for v in tasks.values()):
+        raise ValueError(f"evals: {results_file}: field 'results' must map each task to its metrics")
+    if not isinstance(checkpoint.get("model"), str):
+        raise ValueError(f"evals: {checkpoint_file}: field 'model' must be a string")
+    size = checkpoint.get("weight_bytes")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"evals: {checkpoint_file}: field 'weight_bytes' must be a byte count, got {size!r}")
+    quantization = checkpoint.get("quantization")
+    if quantization is not None and not isinstance(quantization, dict):
+        raise ValueError(f"evals: {checkpoint_file}: field 'quantization' must be an object or null")
     metrics, higher_is_better = {}, {}
-    for task, values in results.get("results", {}).items():
+    directions = results.get("higher_is_better") if isinstance(results.get("higher_is_better"), dict) else {}
+    for task, values in tasks.items():
         for key, value in values.items():
-            if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):
+            if "," not in key or "_stderr," in key or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value):  # lm-eval writes NaN for a metric it could not compute
                 continue
             metric, filter_name = key.split(",", 1)
             stderr = values.get(f"{metric}_stderr,{filter_name}")
+            finite = isinstance(stderr, (int, float)) and not isinstance(stderr, bool) and math.isfinite(stderr)
             name = metric_name(task, metric, filter_name)
-            metrics[name] = {"value": value, "stderr": stderr if isinstance(stderr, (int, float)) else None}
-            higher = (results.get("higher_is_better", {}).get(task) or {}).get(metric)
-            higher_is_better[name] = higher if isinstance(higher, bool) else True
+            metrics[name] = {"value": value, "stderr": stderr if finite else None}
+            higher = (directions.get(task) or {}).get(metric) if isinstance(directions.get(task), dict) else None
+            if isinstance(higher, bool):
+                higher_is_better[name] = higher
+    shots = results.get("n-shot") if isinstance(results.get("n-shot"), dict) else {}
     return {
         "eval": label,
         "model": checkpoint["model"],
-        "quantization": (checkpoint.get("quantization") or {}).get("scheme"),
-        "weight_bytes": checkpoint["weight_bytes"],
+        "quantization": (quantization or {}).get("scheme"),
+        "weight_bytes": size,
         "decode_tokens_per_s": None,
         "time_to_first_token_s": None,
         "speed_from": None,
         "metrics": metrics,
         "higher_is_better": higher_is_better,
+        "n_shot": shots,
         **read_samples(folder),
     }
 
 
-def read_speed(folder: Path) -> dict:
+def _json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{path}: not readable JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_speed(folder: Path, label: str) -> dict:
     speed_file = folder / "speed.json"
     if not speed_file.is_file():
-        raise ValueError(f"samples: {folder} is not a generate output (no speed.json)")
-    return json.loads(speed_file.read_text())
+        raise ValueError(f"samples: {label} is not a generate output (no speed.json in {folder})")
+    speed = _json_object(speed_file)
+    if not isinstance(speed.get("model"), str):
+        raise ValueError(f"samples: {speed_file}: field 'model' must be a string")
+    for key in ("decode_tokens_per_s", "time_to_first_token_s"):
+        value = speed.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0):
+            raise ValueError(f"samples: {speed_file}: field {key!r} must be a non-negative number, got {value!r}")
+    return {"model": speed["model"], "decode_tokens_per_s": speed.get("decode_tokens_per_s"),
+            "time_to_first_token_s": speed.get("time_to_first_token_s")}
 
 
 def number(value, digits: int = 4, signed: bool = False) -> str:
@@ -378,15 +469,24 @@ def divergence_table(report: dict) -> tuple[list[str], list[list[str]]]:
     return header, cells
 
 
+def md_cell(text: str) -> str:
+    """Text from labels and task data as inert Markdown: no HTML, no table breaks, one line."""
+    text = CONTROL.sub(" ", str(text))
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+
+
+CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def markdown(report: dict) -> str:
     def table(header: list[str], cells: list[list[str]]) -> list[str]:
         return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-            "| " + " | ".join(row) + " |" for row in cells]
+            "| " + " | ".join(md_cell(cell) for cell in row) + " |" for row in cells]
 
-    lines = [f"# {report['title']}", "", f"Baseline: {report['baseline']}. Changes are against it.", "",
+    lines = [f"# {md_cell(report['title'])}", "", f"Baseline: {md_cell(report['baseline'])}. Changes are against it.", "",
              *table(*overview_table(report))]
     for metric in report["metrics"]:
-        lines += ["", f"## {metric}", "", *table(*metric_table(report, metric))]
+        lines += ["", f"## {md_cell(metric)}", "", *table(*metric_table(report, metric))]
     lines += ["", "## Paired against the baseline", ""]
     if report["paired"]:
         lines += [PAIRED_NOTE.format(alpha=report["alpha"]), "", *table(*paired_table(report))]
@@ -394,6 +494,8 @@ def markdown(report: dict) -> str:
         lines.append("No per-sample logs to pair (the evals need `log_samples = true`, the default).")
     if report["divergence"]:
         lines += ["", "## Divergence from the baseline", "", DIVERGENCE_NOTE, "", *table(*divergence_table(report))]
+    for note in report.get("figure_notes", []):
+        lines += ["", md_cell(note)]
     if report["figures"]:
         lines += ["", "Figures: " + ", ".join(f"{name}.png" for name in report["figures"]) + " (and .svg); "
                   "everything in report.html."]

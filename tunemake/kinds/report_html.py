@@ -50,6 +50,8 @@ def page(report: dict, baseline: dict, figures: dict[str, dict[str, bytes]]) -> 
                 note += " Orange points are on the Pareto front; the dashed line joins them."
             parts += [f"<h2>{caption}</h2>", f'<img alt="{escape(caption)}" src="data:image/png;base64,{data}">',
                       f'<p class="note">{note}</p>']
+    for note in report.get("figure_notes", []):
+        parts.append(f'<p class="note">{escape(note)}</p>')
     parts.append("<h2>Metrics</h2>")
     for metric in report["metrics"]:
         parts += [f"<h3>{escape(metric)}</h3>", _table(*metric_table(report, metric))]
@@ -85,8 +87,8 @@ def _flipped(report: dict, baseline: dict) -> list[str]:
         if not flips:
             continue
         shown = True
-        variant_docs = rows[entry["eval"]]["docs"].get(entry["task"], {})
-        base_docs = baseline["docs"].get(entry["task"], {})
+        variant_docs = rows[entry["eval"]]["docs"].get(entry["metric"], {})
+        base_docs = baseline["docs"].get(entry["metric"], {})
         ordered = sorted(flips, key=lambda f: f["direction"] != "right_to_wrong")
         listed = ordered[:MAX_FLIPS_SHOWN]
         more = "" if len(listed) == len(ordered) else f" (the first {len(listed)}; report.json lists all)"

@@ -13,6 +13,7 @@ in the metadata, a fixed salt for SVG ids).
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 MAX_PANELS = 8  # metrics drawn in a trade-off figure; the tables keep every metric
@@ -38,12 +39,33 @@ def pareto_front(points: list[tuple[str, float, float]], lower_x_is_better: bool
     return front
 
 
+def text(value) -> str:
+    """Label text without control characters (they would make the SVG invalid XML)."""
+    return CONTROL.sub(" ", str(value))
+
+
+CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+def notes(report: dict) -> list[str]:
+    """What the figures leave out, said in report.md and report.html."""
+    found = []
+    if len(report["metrics"]) > MAX_PANELS:
+        found.append(f"The trade-off figures show the first {MAX_PANELS} of {len(report['metrics'])} metrics; "
+                     "the tables have all of them.")
+    if len(report["paired"]) > MAX_DELTA_ROWS:
+        found.append(f"The paired-change figure shows the {MAX_DELTA_ROWS} rows with the smallest p-values of "
+                     f"{len(report['paired'])}; the table has all of them.")
+    return found
+
+
 def write_all(report: dict, out: Path) -> dict[str, dict[str, bytes]]:
     """Draw every figure that has data; returns {name: {"png": bytes, "svg": bytes}} (also written)."""
     import matplotlib
 
+    # text.parse_math off: a "$" in a title or label is a dollar sign, not mathtext
     settings = {"svg.hashsalt": "tunemake", "svg.fonttype": "path", "font.size": 9, "axes.grid": True,
-                "grid.alpha": 0.3, "figure.dpi": 100}
+                "grid.alpha": 0.3, "figure.dpi": 100, "text.parse_math": False}
     figures = {}
     with matplotlib.rc_context(settings):
         for name, draw in (("tradeoff_size", _tradeoff_size), ("tradeoff_speed", _tradeoff_speed), ("deltas", _deltas)):
@@ -94,18 +116,18 @@ def _tradeoff(report: dict, x_of, x_label: str, lower_x_is_better: bool, front_k
             on_front = row["eval"] in front
             ax.errorbar([x], [y], yerr=error, fmt="o", capsize=3, color=FRONT if on_front else POINT,
                         markersize=7 if on_front else 5)
-            ax.annotate(row["eval"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            ax.annotate(text(row["eval"]), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
         line = sorted((x_of(r), r["metrics"][metric]["value"]) for r in rows if r["eval"] in front)
         if len(line) > 1:
             ax.step([p[0] for p in line], [p[1] for p in line], where="post", color=FRONT, linestyle="--",
                     linewidth=1, label="Pareto front")
             ax.legend(loc="best", fontsize=8)
         direction = "higher is better" if report["higher_is_better"].get(metric, True) else "lower is better"
-        ax.set_title(metric, fontsize=10)
+        ax.set_title(text(metric), fontsize=10)
         ax.set_xlabel(x_label)
         ax.set_ylabel(f"value ({direction}), 95% interval")
         ax.margins(x=0.2, y=0.15)
-    figure.suptitle(f"{report['title']}: {x_label}", fontsize=11)
+    figure.suptitle(text(f"{report['title']}: {x_label}"), fontsize=11)
     return figure
 
 
@@ -121,7 +143,10 @@ def _deltas(report: dict):
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    rows = report["paired"][:MAX_DELTA_ROWS]
+    rows = report["paired"]
+    if len(rows) > MAX_DELTA_ROWS:  # keep the rows most likely to matter, in the table's order
+        kept = sorted(range(len(rows)), key=lambda i: (rows[i]["p_holm"], i))[:MAX_DELTA_ROWS]
+        rows = [rows[i] for i in sorted(kept)]
     if not rows:
         return None
     figure = Figure(figsize=(7.5, 1.2 + 0.32 * len(rows)), layout="constrained")
@@ -132,12 +157,12 @@ def _deltas(report: dict):
                     color=VERDICT_COLOURS[row["verdict"]])
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.xaxis.set_major_locator(MaxNLocator(nbins=6))  # long tick labels must not run into each other
-    ax.set_yticks(range(len(rows)), [f"{row['eval']} · {row['metric']}" for row in rows], fontsize=8)
+    ax.set_yticks(range(len(rows)), [text(f"{row['eval']} · {row['metric']}") for row in rows], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel(f"change against {report['baseline']} (paired bootstrap 95% interval)")
+    ax.set_xlabel(text(f"change against {report['baseline']} (paired bootstrap 95% interval)"))
     handles = [ax.plot([], [], "o", color=colour, label=verdict)[0] for verdict, colour in VERDICT_COLOURS.items()]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
               title=f"verdict (Holm, alpha {report['alpha']})", title_fontsize=8)
-    shown = "" if len(rows) == len(report["paired"]) else f" (first {len(rows)} of {len(report['paired'])})"
-    ax.set_title(f"{report['title']}: paired change per metric{shown}", fontsize=10)
+    shown = "" if len(rows) == len(report["paired"]) else f" ({len(rows)} of {len(report['paired'])} rows)"
+    ax.set_title(text(f"{report['title']}: paired change per metric{shown}"), fontsize=10)
     return figure

@@ -110,12 +110,14 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
 def load_model(folder, device="cpu", dtype: torch.dtype | None = torch.float32) -> Transformer:
     """Builds the model on the meta device and assigns the checkpoint's tensors.
 
-    dtype converts floating-point weights (None keeps the file's dtypes). A folder with
-    quantization.json is a tunemake quantized checkpoint and is loaded by its own module.
+    dtype converts floating-point weights (None keeps the file's dtypes). A quantized folder
+    (tunemake's quantization.json, or a TorchAoConfig that transformers wrote into config.json)
+    is loaded by tunemake.models.quantized.
     """
     folder = Path(folder)
-    if (folder / "quantization.json").exists():
-        from tunemake.models.quantized import load_quantized_model
+    from tunemake.models.quantized import load_quantized_model, torchao_config
+
+    if (folder / "quantization.json").exists() or torchao_config(folder) is not None:
 
         return load_quantized_model(folder, device, dtype)
     args = read_config(folder)

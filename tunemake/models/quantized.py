@@ -1,17 +1,22 @@
 """Quantized checkpoint folders: torchao weights per scheme, saving them, loading them back.
 
-A quantized folder holds config.json and tokenizer files copied from the full-precision
-source, the weights (model.safetensors when torchao can flatten every tensor type,
-else model.pt read back with weights_only=True) and quantization.json, which says what
-was done (see tunemake.kinds.quantize). Parameter names stay Hugging Face's; with tied
-embeddings a quantized output projection is stored as its own `lm_head.weight`.
+A quantized folder is a standard transformers + torchao checkpoint: config.json is the
+source's with the `quantization_config` that transformers' TorchAoConfig writes, and the
+weights are model.safetensors in torchao's flattened-tensor format (never pickle). tunemake
+adds quantization.json, which says what was done per layer (see tunemake.kinds.quantize).
+Parameter names stay Hugging Face's; with tied embeddings a quantized output projection is
+stored as its own `lm_head.weight` and config.json says `tie_word_embeddings: false`.
 
-A layer whose in_features is not a multiple of the group size is stored with zero
-columns appended up to the next multiple; a forward pre-hook appends zeros to its input,
-so the extra columns contribute exactly nothing. quantization.json lists these layers.
+int4 is stored device-neutral, as torchao's Int4Tensor (plain packing: two 4-bit codes per
+byte, a bf16 scale and zero point per group, tinygemm's asymmetric quantization), and
+repacked when loaded for the device's kernel: aten's int4pack for CPU, tinygemm's tile
+packing on CUDA. Loaded on CPU, a packed int4 linear runs torch's int4 kernel for a few rows
+(decode) and a bf16 matmul on its dequantized weight for many (prefill, eval), ~2x faster there.
 
-Loaded on CPU, a packed int4 linear runs torch's int4 kernel for a few rows (decode) and a
-bf16 matmul on its dequantized weight for many (prefill, eval), where that is ~2x faster.
+A layer whose in_features no kernel group size divides is stored with zero columns appended
+(a forward pre-hook appends zeros to its input, so they contribute nothing); quantization.json
+lists it. The quantize kind first tries a smaller group size for such a layer, which every
+loader understands.
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ from torch import nn
 
 QUANTIZATION_FILE = "quantization.json"
 SAFETENSORS_FILE = "model.safetensors"
-TORCH_FILE = "model.pt"
 
 SCHEMES = (
     "int4_weight_only",
@@ -59,21 +63,10 @@ def quantize_weight(
         PerGroup,
     )
 
-    if scheme == "int4_weight_only" and weight.device.type == "cuda":
-        config = Int4WeightOnlyConfig(group_size=groupsize, int4_packing_format="tile_packed_to_4d")
-        used = {"config": "Int4WeightOnlyConfig", "group_size": groupsize, "packing": "tile_packed_to_4d",
-                "tensor": "Int4TilePackedTo4dTensor"}
-        return _quantize_with_config(pad_in_features(weight, groupsize), config), used  # not row-separable
     if scheme == "int4_weight_only":
-        used = {
-            "config": "tunemake.models.quantized.int4_cpu_weight",
-            "note": "torchao Int4OpaqueTensor.from_hp's steps without its group_size <= 128 "
-                    "and out_features % 16 limits",
-            "group_size": groupsize,
-            "packing": "int4pack_for_cpu",
-            "tensor": "Int4OpaqueTensor",
-        }
-        return int4_cpu_weight(weight, groupsize, chunk_rows), used
+        used = {"config": "Int4WeightOnlyConfig", "group_size": groupsize, "packing": "plain",
+                "tensor": "Int4Tensor", "qparams": "tinygemm (asymmetric, float zero point)"}
+        return int4_weight(weight, groupsize, chunk_rows), used
     if scheme == "int8_weight_only":
         config = Int8WeightOnlyConfig()
         used = {"config": "Int8WeightOnlyConfig", "granularity": "per_row"}
@@ -125,48 +118,122 @@ def _quantize_with_config(weight: torch.Tensor, config) -> torch.Tensor:
     return quantized
 
 
-def int4_cpu_weight(weight: torch.Tensor, groupsize: int, chunk_rows: int = 4096) -> torch.Tensor:
-    """Packed int4 for aten._weight_int4pack_mm_for_cpu, for every group size that kernel takes (32..256).
+def int4_weight(weight: torch.Tensor, groupsize: int, chunk_rows: int = 4096) -> torch.Tensor:
+    """A linear weight [out, in] -> torchao's Int4Tensor (plain packing), on weight's device.
 
-    The steps of torchao's Int4OpaqueTensor.from_hp (tinygemm asymmetric qparams with a float
-    zero point, the quantization Int4WeightOnlyConfig uses on CUDA), which asserts group size
-    <= 128 although the kernel accepts 256 and fails when out_features is not a multiple of
-    16: here rows are zero-padded to 16 (the linear op slices the output back) and columns to
-    a multiple of groupsize. Rows go chunk_rows at a time (a multiple of the packing's
-    independent 64-row blocks) so the int32 codes of a large vocabulary never exist all at
-    once. Tests check it equals from_hp bit for bit at 32/64/128.
+    The quantization is tinygemm's (what Int4WeightOnlyConfig does on CUDA, and
+    Int4OpaqueTensor on CPU): per group an asymmetric 4-bit code u in 0..15, weight =
+    (u - 8) * scale + zero. Int4Tensor stores the same numbers the way mslk's kernels read
+    them: the signed code u - 8 as a nibble, even columns in the low nibble, scale and zero
+    point as [groups, out]. Nothing here needs mslk, CUDA or the CPU kernel, so the stored
+    form is the same on every device. Columns are zero-padded to a multiple of groupsize;
+    rows go chunk_rows at a time (groups never cross rows), so the int32 codes of a large
+    vocabulary never exist all at once.
     """
-    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+    from torchao.quantization import Int4Tensor
     from torchao.quantization.quant_primitives import (
         MappingType,
         _choose_qparams_affine_tinygemm,
         _quantize_affine_tinygemm,
     )
-    from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
 
-    if weight.ndim != 2 or weight.device.type != "cpu":
-        raise ValueError(f"int4_cpu_weight needs a 2-D cpu weight, got {list(weight.shape)} on {weight.device}")
-    if chunk_rows % 64:
-        raise ValueError(f"chunk_rows must be a multiple of 64, got {chunk_rows}")
+    if weight.ndim != 2:
+        raise ValueError(f"int4_weight needs a 2-D weight, got {list(weight.shape)}")
     block_size = [1, groupsize]
-    packed, scales_and_zeros = [], []
+    packed, scales, zeros = [], [], []
     for start in range(0, weight.shape[0], chunk_rows):
         rows = pad_in_features(weight[start : start + chunk_rows], groupsize)
-        if len(rows) % 16:
-            rows = F.pad(rows, (0, 0, 0, -len(rows) % 16))
-        scale, zero_point = _choose_qparams_affine_tinygemm(
+        scale, zero = _choose_qparams_affine_tinygemm(
             rows, MappingType.ASYMMETRIC, block_size, torch.int32, 0, 15, 1e-6, None, rows.dtype
         )
-        int_data = _quantize_affine_tinygemm(rows, block_size, scale, zero_point, torch.int32, 0, 15)
-        packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(int_data, 1))
-        scales_and_zeros.append(
-            pack_tinygemm_scales_and_zeros(scale.reshape(len(rows), -1), zero_point.reshape(len(rows), -1), scale.dtype)
-        )
+        codes = _quantize_affine_tinygemm(rows, block_size, scale, zero, torch.int32, 0, 15)
+        # nibble of the signed code u - 8 is u ^ 8; odd columns go in the high nibble
+        packed.append((((codes[:, 1::2] << 4) | codes[:, ::2]) ^ 0x88).to(torch.uint8).view(torch.int8))
+        scales.append(scale.reshape(len(rows), -1))
+        zeros.append(zero.reshape(len(rows), -1))
     in_features = weight.shape[1] + (-weight.shape[1] % groupsize)
-    return Int4OpaqueTensor(
-        qdata=torch.cat(packed), scale_and_zero=torch.cat(scales_and_zeros, dim=1), block_size=block_size,
-        shape=torch.Size((weight.shape[0], in_features)),
+    return Int4Tensor(
+        qdata=torch.cat(packed), scale=torch.cat(scales).t().contiguous(), zero_point=torch.cat(zeros).t().contiguous(),
+        block_size=block_size, shape=torch.Size((weight.shape[0], in_features)),
     )
+
+
+def int4_codes(weight) -> torch.Tensor:
+    """An Int4Tensor's codes as int32 [out, in], 0..15 (tinygemm's unsigned form)."""
+    nibbles = weight.qdata.view(torch.uint8).to(torch.int32) ^ 0x88
+    return torch.stack([nibbles & 0xF, nibbles >> 4], dim=-1).reshape(weight.shape[0], weight.shape[1])
+
+
+def int4_dequantize(weight) -> torch.Tensor:
+    """The dense weight an Int4Tensor stands for, in its scale's dtype (fp32 math, as the kernels)."""
+    out_features, in_features = weight.shape
+    group = weight.block_size[-1]
+    codes = int4_codes(weight).reshape(out_features, in_features // group, group).float()
+    scale = weight.scale.t().float().unsqueeze(-1)
+    zero = weight.zero_point.t().float().unsqueeze(-1)
+    return codes.sub_(8).mul_(scale).add_(zero).reshape(out_features, in_features).to(weight.scale.dtype)
+
+
+def int4_for_device(weight, device: torch.device, chunk_rows: int = 4096) -> torch.Tensor:
+    """Repack a stored Int4Tensor for the kernel of `device`: Int4OpaqueTensor (aten int4pack)
+    on CPU, Int4TilePackedTo4dTensor (tinygemm) on CUDA. The codes, scales and zero points are
+    the stored ones, so the result is what quantizing on that device would have given."""
+    from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
+
+    device = torch.device(device)
+    out_features, in_features = weight.shape
+    group = weight.block_size[-1]
+    scale, zero = weight.scale.t(), weight.zero_point.t()  # [out, groups]
+    if device.type == "cpu":
+        from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+
+        if chunk_rows % 64:
+            raise ValueError(f"chunk_rows must be a multiple of 64, got {chunk_rows}")
+        packed = []
+        for start in range(0, out_features, chunk_rows):  # the packing works in independent 64-row blocks
+            codes = int4_codes(_row_slice(weight, start, start + chunk_rows)).cpu()
+            if len(codes) % 16:  # the CPU layout needs out_features % 16; the linear op slices the rows back
+                codes = F.pad(codes, (0, 0, 0, -len(codes) % 16))
+            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+        rows = -out_features % 16
+        # padded rows (code 0, scale 1, zero 8) stand for zero weights
+        scale_and_zero = pack_tinygemm_scales_and_zeros(F.pad(scale.cpu(), (0, 0, 0, rows), value=1.0),
+                                                        F.pad(zero.cpu(), (0, 0, 0, rows), value=8.0), scale.dtype)
+        return Int4OpaqueTensor(qdata=torch.cat(packed), scale_and_zero=scale_and_zero, block_size=[1, group],
+                                shape=torch.Size((out_features, in_features)))
+    if device.type == "cuda":
+        from torchao.quantization import Int4TilePackedTo4dTensor
+
+        # tinygemm wants in_features % 1024 and out_features % 8 (as Int4TilePackedTo4dTensor.from_hp
+        # pads); padded columns meet zero-padded inputs and padded rows are sliced off
+        codes = int4_codes(weight).to(device)
+        rows, columns = -out_features % 8, -in_features % 1024
+        codes = F.pad(codes, (0, columns, 0, rows))
+        pairs = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+        packed = torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), 8)
+        groups = columns // group
+        scale = F.pad(scale.to(device), (0, groups, 0, rows), value=1.0)
+        zero = F.pad(zero.to(device), (0, groups, 0, rows), value=8.0)
+        return Int4TilePackedTo4dTensor(qdata=packed, scale_and_zero=pack_tinygemm_scales_and_zeros(scale, zero, scale.dtype),
+                                        block_size=[1, group], shape=torch.Size((out_features, in_features)))
+    raise ValueError(f"int4 weights run on cpu or cuda, not {device.type}")
+
+
+def _row_slice(weight, start: int, stop: int):
+    """Rows start:stop of an Int4Tensor, as an Int4Tensor (qdata rows, scale and zero columns)."""
+    from torchao.quantization import Int4Tensor
+
+    stop = min(stop, weight.shape[0])
+    return Int4Tensor(qdata=weight.qdata[start:stop], scale=weight.scale[:, start:stop],
+                      zero_point=weight.zero_point[:, start:stop], block_size=weight.block_size,
+                      shape=torch.Size((stop - start, weight.shape[1])))
+
+
+def int4_cpu_weight(weight: torch.Tensor, groupsize: int, chunk_rows: int = 4096) -> torch.Tensor:
+    """Packed int4 for aten._weight_int4pack_mm_for_cpu, for every group size that kernel takes
+    (32..256, where torchao's Int4OpaqueTensor.from_hp stops at 128 and needs out_features % 16):
+    the stored form repacked. Tests check it equals from_hp bit for bit at 32/64/128."""
+    return int4_for_device(int4_weight(weight, groupsize, chunk_rows), torch.device("cpu"), chunk_rows)
 
 
 # From this many input rows (tokens x batch) on, a bf16 matmul on the dequantized weight beats
@@ -224,23 +291,20 @@ def pad_input_to_weight(module: nn.Module, args: tuple) -> tuple:
 
 
 def save_quantized_state_dict(state_dict: dict[str, torch.Tensor], folder: Path) -> str:
-    """Writes the weights into folder and returns the file name: safetensors when torchao can
-    flatten every tensor type, else torch.save.
+    """Writes the weights into folder as model.safetensors in torchao's flattened-tensor format
+    (what transformers' TorchAoConfig writes and reads) and returns the file name.
 
-    Empties state_dict on the safetensors path: torchao's flattening clones each tensor, so
-    the originals are dropped one by one to keep a single copy of the model in memory.
+    Empties state_dict: torchao's flattening clones each tensor, so the originals are dropped
+    one by one to keep a single copy of the model in memory.
     """
+    from safetensors.torch import save_file
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
     from torchao.prototype.safetensors.safetensors_utils import ALLOWED_TENSORS_SUBCLASSES
 
-    flattenable = all(
-        type(t) is torch.Tensor or type(t).__name__ in ALLOWED_TENSORS_SUBCLASSES for t in state_dict.values()
-    )
-    if not flattenable:
-        torch.save(state_dict, Path(folder) / TORCH_FILE)
-        return TORCH_FILE
-    from safetensors.torch import save_file
-
+    for name, tensor in state_dict.items():
+        if type(tensor) is not torch.Tensor and type(tensor).__name__ not in ALLOWED_TENSORS_SUBCLASSES:
+            raise TypeError(f"{name}: torchao cannot write {type(tensor).__name__} to safetensors, and tunemake "
+                            "writes no pickle")
     names = list(state_dict)
     tensors, metadata = {}, {}
     for name in names:
@@ -252,30 +316,39 @@ def save_quantized_state_dict(state_dict: dict[str, torch.Tensor], folder: Path)
     return SAFETENSORS_FILE
 
 
-def load_quantized_state_dict(folder: Path, weights_file: str, device: str | torch.device = "cpu") -> dict:
-    path = Path(folder) / weights_file
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file named in {QUANTIZATION_FILE} is missing")
-    if weights_file == SAFETENSORS_FILE:
-        from safetensors import safe_open
-        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+def load_quantized_state_dict(folder: Path, weights_file: str | None = None, device: str | torch.device = "cpu") -> dict:
+    """The torchao tensors of a folder's safetensors (one file, or the shards of an index)."""
+    from safetensors import safe_open
+    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
+    from tunemake.models.checkpoint import weight_files
+
+    folder = Path(folder)
+    if weights_file is not None and weights_file != SAFETENSORS_FILE:
+        raise ValueError(f"{folder / weights_file}: written by an older tunemake as a pickle; quantize again "
+                         f"(tunemake reads quantized weights from safetensors only)")
+    files = sorted(set(weight_files(folder).values()))
+    if any(path.suffix != ".safetensors" for path in files):
+        raise ValueError(f"{folder}: quantized weights must be safetensors, found {', '.join(p.name for p in files)}")
+    state_dict = {}
+    for path in files:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-            metadata = f.metadata()
-        state_dict, leftover = unflatten_tensor_state_dict(tensors, metadata)
+            metadata = f.metadata() or {}
+        part, leftover = unflatten_tensor_state_dict(tensors, metadata)
         if leftover:
             raise ValueError(f"{path}: tensors not described by its metadata: {', '.join(sorted(leftover))}")
-        return state_dict
-    if weights_file == TORCH_FILE:
-        import torchao.prototype.quantization.int4  # noqa: F401 - registers Int4OpaqueTensor as a safe global
-
-        return torch.load(path, map_location=device, weights_only=True, mmap=True)
-    raise ValueError(f"{Path(folder) / QUANTIZATION_FILE}: unknown weights_file {weights_file!r}")
+        state_dict.update(part)
+    return state_dict
 
 
 def read_quantization_info(folder: Path) -> dict:
+    """What a quantized folder holds: tunemake's quantization.json, or for a checkpoint that
+    transformers wrote (a TorchAoConfig in config.json, no quantization.json) the same fields
+    read from its quantization_config."""
     path = Path(folder) / QUANTIZATION_FILE
+    if not path.exists() and torchao_config(folder) is not None:
+        return info_from_torchao_config(folder)
     try:
         info = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -286,6 +359,52 @@ def read_quantization_info(folder: Path) -> dict:
     if info["dtype"] not in ("bfloat16", "float16", "float32"):
         raise ValueError(f"{path}: field 'dtype' must be bfloat16, float16 or float32, got {info['dtype']!r}")
     return info
+
+
+# torchao config class -> tunemake scheme, for checkpoints other tools wrote
+CONFIG_SCHEMES = {
+    "Int4WeightOnlyConfig": "int4_weight_only",
+    "Int8WeightOnlyConfig": "int8_weight_only",
+    "Int8DynamicActivationInt8WeightConfig": "int8_dynamic_activation_int8_weight",
+    "Int8DynamicActivationIntxWeightConfig": "int8_dynamic_activation_int4_weight",
+    "Float8WeightOnlyConfig": "float8_weight_only",
+}
+
+
+def torchao_config(folder) -> dict | None:
+    """config.json's quantization_config when it is transformers' TorchAoConfig, else None."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "torchao":
+        return quantization
+    return None
+
+
+def info_from_torchao_config(folder) -> dict:
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    quant_type = config["quantization_config"].get("quant_type")
+    default = quant_type.get("default") if isinstance(quant_type, dict) else None
+    if not isinstance(default, dict):
+        raise ValueError(f"{path}: quantization_config.quant_type has no 'default' torchao config")
+    inner = default
+    if default.get("_type") == "FqnToConfig":  # per-module configs: the scheme of the first
+        configs = list(((default.get("_data") or {}).get("fqn_to_config") or {}).values())
+        inner = next((c for c in configs if isinstance(c, dict) and c.get("_type")), {})
+    kind = inner.get("_type")
+    if kind not in CONFIG_SCHEMES:
+        raise ValueError(f"{path}: quantization_config uses torchao {kind}, which tunemake cannot load "
+                         f"(it reads {', '.join(CONFIG_SCHEMES)})")
+    dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"{path}: dtype must be bfloat16, float16 or float32, got {dtype!r}")
+    group = (inner.get("_data") or {}).get("group_size")
+    return {"scheme": CONFIG_SCHEMES[kind], "groupsize": group if isinstance(group, int) else None, "dtype": dtype,
+            "device": "any", "weights_file": None, "padded": {}, "written_by": "transformers (TorchAoConfig)"}
 
 
 def load_quantized_model(folder, device="cpu", dtype=None):
@@ -303,10 +422,10 @@ def load_quantized_model(folder, device="cpu", dtype=None):
         print(f"tunemake: {folder} is quantized for {info['dtype']}; loading it in {info['dtype']}, not {dtype}",
               file=sys.stderr)
     device = torch.device(device)
-    if info["scheme"] == "int4_weight_only" and device.type != torch.device(info["device"]).type:
-        raise ValueError(f"{folder / QUANTIZATION_FILE}: int4 weights are packed for {info['device']}, "
-                         f"cannot load on {device.type}; quantize again with device = \"{device.type}\"")
     state_dict = load_quantized_state_dict(folder, info["weights_file"], device)
+    for name, tensor in state_dict.items():
+        if type(tensor).__name__ == "Int4Tensor":  # stored device-neutral: repack for this device's kernel
+            state_dict[name] = int4_for_device(tensor, device)
 
     args = read_config(folder)
     with torch.device("meta"):
@@ -318,7 +437,7 @@ def load_quantized_model(folder, device="cpu", dtype=None):
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{folder / info['weights_file']}: tensors do not match the model in config.json "
+        raise ValueError(f"{folder / (info['weights_file'] or SAFETENSORS_FILE)}: tensors do not match the model in config.json "
                          f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
     for name, tensor in state_dict.items():
         module_name, _, leaf = name.rpartition(".")
@@ -326,14 +445,14 @@ def load_quantized_model(folder, device="cpu", dtype=None):
         if module_name in padded:
             want[1] = padded[module_name]["padded_in_features"]
         if list(tensor.shape) != want:
-            raise ValueError(f"{folder / info['weights_file']}: tensor {name} has shape {list(tensor.shape)}, "
+            raise ValueError(f"{folder / (info['weights_file'] or SAFETENSORS_FILE)}: tensor {name} has shape {list(tensor.shape)}, "
                              f"config.json implies {want}")
         if type(tensor) is torch.Tensor and tensor.is_floating_point():
             tensor = tensor.to(stored_dtype)
         setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))
     for module_name in padded:
         model.get_submodule(module_name).register_forward_pre_hook(pad_input_to_weight)
-    if info["scheme"] == "int4_weight_only" and device.type == "cpu":
+    if device.type == "cpu":
         for module in model.modules():
             if isinstance(module, nn.Linear) and type(module.weight).__name__ == "Int4OpaqueTensor":
                 module.forward = types.MethodType(int4_cpu_linear_forward, module)
