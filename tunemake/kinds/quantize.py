@@ -278,26 +278,6 @@ PACKING = {"int4_weight_only": "Int4Tensor plain (device-neutral); repacked when
                                "tinygemm tile_packed_to_4d on CUDA"}
 
 
-def layer_config(scheme: str, groupsize: int | None):
-    """The torchao config object that describes a layer quantized with scheme at groupsize."""
-    import torch
-    from torchao.quantization import (
-        Float8WeightOnlyConfig,
-        Int4WeightOnlyConfig,
-        Int8DynamicActivationInt8WeightConfig,
-        Int8DynamicActivationIntxWeightConfig,
-        Int8WeightOnlyConfig,
-        PerGroup,
-    )
-
-    if scheme == "int4_weight_only":
-        return Int4WeightOnlyConfig(group_size=groupsize, int4_packing_format="plain")
-    if scheme == "int8_dynamic_activation_int4_weight":
-        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(groupsize))
-    return {"int8_weight_only": Int8WeightOnlyConfig, "int8_dynamic_activation_int8_weight":
-            Int8DynamicActivationInt8WeightConfig, "float8_weight_only": Float8WeightOnlyConfig}[scheme]()
-
-
 def torchao_quantization_config(params: Params, groups: dict[str, int | None], kept: list[str]) -> dict:
     """config.json's quantization_config, as transformers' TorchAoConfig.to_dict() writes it: one
     torchao config for every layer, or an FqnToConfig where group sizes differ."""
@@ -306,6 +286,8 @@ def torchao_quantization_config(params: Params, groups: dict[str, int | None], k
 
     from torchao.core.config import config_to_dict
     from torchao.quantization import FqnToConfig
+
+    from tunemake.models.quantized import scheme_config as layer_config
 
     sizes = Counter(groups.values())
     if len(sizes) <= 1:

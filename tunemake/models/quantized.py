@@ -42,6 +42,39 @@ SCHEMES = (
 )
 
 
+# what quantization.json says of each scheme's config, beyond its class and group size
+SCHEME_DETAILS = {
+    "int8_weight_only": {"granularity": "per_row"},
+    "int8_dynamic_activation_int8_weight": {"granularity": "per_row"},
+    "int8_dynamic_activation_int4_weight": {"weight_dtype": "int4", "packing": "unpacked_to_int8"},
+    "float8_weight_only": {"weight_dtype": "float8_e4m3fn", "granularity": "per_row"},
+}
+GROUPED = ("int4_weight_only", "int8_dynamic_activation_int4_weight")
+
+
+def scheme_config(scheme: str, groupsize: int | None):
+    """The torchao config of a scheme at a group size: what quantizes a layer, and what
+    config.json's quantization_config says of it (int4 as plain Int4Tensor, the stored form)."""
+    from torchao.quantization import (
+        Float8WeightOnlyConfig,
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8DynamicActivationIntxWeightConfig,
+        Int8WeightOnlyConfig,
+        PerGroup,
+    )
+
+    if scheme == "int4_weight_only":
+        return Int4WeightOnlyConfig(group_size=groupsize, int4_packing_format="plain")
+    if scheme == "int8_dynamic_activation_int4_weight":
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(groupsize))
+    configs = {"int8_weight_only": Int8WeightOnlyConfig, "float8_weight_only": Float8WeightOnlyConfig,
+               "int8_dynamic_activation_int8_weight": Int8DynamicActivationInt8WeightConfig}
+    if scheme not in configs:
+        raise ValueError(f"scheme: unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    return configs[scheme]()
+
+
 def quantize_weight(
     weight: torch.Tensor, scheme: str, groupsize: int | None, chunk_rows: int = 4096
 ) -> tuple[torch.Tensor, dict]:
@@ -54,34 +87,14 @@ def quantize_weight(
     within a row), so the result is the same (tests check it bit for bit) while the fp32
     temporaries, several times a weight's size, cover one chunk, not a whole output projection.
     """
-    from torchao.quantization import (
-        Float8WeightOnlyConfig,
-        Int4WeightOnlyConfig,
-        Int8DynamicActivationInt8WeightConfig,
-        Int8DynamicActivationIntxWeightConfig,
-        Int8WeightOnlyConfig,
-        PerGroup,
-    )
-
     if scheme == "int4_weight_only":
         used = {"config": "Int4WeightOnlyConfig", "group_size": groupsize, "packing": "plain",
                 "tensor": "Int4Tensor", "qparams": "tinygemm (asymmetric, float zero point)"}
         return int4_weight(weight, groupsize, chunk_rows), used
-    if scheme == "int8_weight_only":
-        config = Int8WeightOnlyConfig()
-        used = {"config": "Int8WeightOnlyConfig", "granularity": "per_row"}
-    elif scheme == "int8_dynamic_activation_int8_weight":
-        config = Int8DynamicActivationInt8WeightConfig()
-        used = {"config": "Int8DynamicActivationInt8WeightConfig", "granularity": "per_row"}
-    elif scheme == "int8_dynamic_activation_int4_weight":
-        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(groupsize))
-        used = {"config": "Int8DynamicActivationIntxWeightConfig", "weight_dtype": "int4", "group_size": groupsize,
-                "packing": "unpacked_to_int8"}
-    elif scheme == "float8_weight_only":
-        config = Float8WeightOnlyConfig()
-        used = {"config": "Float8WeightOnlyConfig", "weight_dtype": "float8_e4m3fn", "granularity": "per_row"}
-    else:
-        raise ValueError(f"scheme: unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    config = scheme_config(scheme, groupsize)
+    used = {"config": type(config).__name__, **SCHEME_DETAILS[scheme]}
+    if scheme in GROUPED:
+        used["group_size"] = groupsize
     parts = [_quantize_with_config(pad_in_features(weight[start : start + chunk_rows], groupsize), config)
              for start in range(0, weight.shape[0], chunk_rows)]
     quantized = parts[0] if len(parts) == 1 else _join_rows(parts)
