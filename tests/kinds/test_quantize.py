@@ -149,6 +149,8 @@ def test_each_scheme_reloads_bit_exact(tied, tmp_path, scheme, capsys):
     quantization_config = config.pop("quantization_config")
     assert quantization_config["quant_method"] == "torchao" and config.pop("tie_word_embeddings") is False
     source_config.pop("tie_word_embeddings", None)
+    assert config.pop("dtype") == "bfloat16" and config.pop("torch_dtype") == "bfloat16"  # what it computes in now
+    source_config.pop("torch_dtype", None)
     assert config == source_config  # everything else as the source had it
 
 
@@ -471,3 +473,81 @@ def test_loaded_int4_model_uses_the_kernel_for_decode_and_dense_math_for_long_in
         kernel = nn.functional.linear(many, linear.weight)
     # the same int4 model: the two paths differ only by rounding the weight to bf16
     assert ((fast.float() - kernel.float()).norm() / kernel.float().norm()) < 1e-2
+
+
+@pytest.mark.parametrize("rows, columns, groupsize", [(100, 320, 64), (392, 256, 256), (64, 1024, 128), (13, 96, 32)])
+def test_cuda_tinygemm_inputs_match_torchao_from_hp(rows, columns, groupsize):
+    """The CUDA repack cannot run here, but everything before the CUDA-only packing op can: the
+    uint8 code pairs and packed scales must be what Int4TilePackedTo4dTensor.from_hp builds (its
+    steps, replayed on CPU), and the padded region must stand for zero weights."""
+    from torchao.quantization.quant_primitives import (
+        MappingType,
+        _choose_qparams_affine_tinygemm,
+        _quantize_affine_tinygemm,
+    )
+    from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
+
+    from tunemake.models.quantized import int4_weight, tinygemm_inputs
+
+    weight = torch.randn(rows, columns, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    padded = nn.functional.pad(weight, (0, -columns % 1024, 0, -rows % 8))
+    scale, zero = _choose_qparams_affine_tinygemm(padded, MappingType.ASYMMETRIC, (1, groupsize), torch.int32, 0, 15,
+                                                  None, torch.bfloat16, torch.bfloat16)
+    codes = _quantize_affine_tinygemm(padded, [1, groupsize], scale, zero, torch.int32, 0, 15)
+    their_pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+    their_scales = pack_tinygemm_scales_and_zeros(scale.reshape(len(padded), -1), zero.reshape(len(padded), -1),
+                                                  torch.bfloat16)
+    pairs, scales = tinygemm_inputs(int4_weight(weight, groupsize))
+    assert pairs.shape == their_pairs.shape and pairs.dtype == torch.uint8 and scales.shape == their_scales.shape
+    groups = columns // groupsize
+    assert torch.equal(pairs[:rows, : columns // 2], their_pairs[:rows, : columns // 2])
+    assert torch.equal(scales[:groups, :rows], their_scales[:groups, :rows])
+    # padding: code 0 with scale 1 and zero 8 is the weight (0 - 8) * 1 + 8 = 0
+    assert (pairs[rows:] == 0).all() and (pairs[:, columns // 2 :] == 0).all()
+    assert (scales[groups:, :, 0] == 1).all() and (scales[groups:, :, 1] == 8).all() and (scales[:, rows:, 1] == 8).all()
+
+
+def test_sharded_torchao_checkpoint_with_a_weight_split_across_files_loads(tied, tmp_path):
+    """transformers flattens the state dict, then shards it: a weight's qdata and scale may land in
+    different files. tunemake reads them as one."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    build(tied, tmp_path / "q", scheme="int8_weight_only")
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    keys = sorted(tensors)
+    split = keys.index("lm_head._weight_qdata") + 1  # lm_head's qdata in one shard, its scale in the next
+    shards = {"model-00001-of-00002.safetensors": keys[:split], "model-00002-of-00002.safetensors": keys[split:]}
+    for name, part in shards.items():
+        save_file({k: tensors[k] for k in part}, tmp_path / "q" / name, metadata)
+    (tmp_path / "q" / "model.safetensors").unlink()
+    weight_map = {k: name for name, part in shards.items() for k in part}  # transformers indexes the flat keys
+    (tmp_path / "q" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    info = json.loads((tmp_path / "q" / "quantization.json").read_text())
+    (tmp_path / "q" / "quantization.json").unlink()  # as transformers writes it: no quantization.json either
+    model = load_model(tmp_path / "q")
+    assert type(model.lm_head.weight).__name__ == "Int8Tensor"
+    (tmp_path / "again").mkdir()
+    build(tied, tmp_path / "again" / "q", scheme="int8_weight_only")
+    assert torch.equal(logits(model), logits(load_model(tmp_path / "again" / "q")))
+    assert info["scheme"] == "int8_weight_only"
+
+
+def test_int4_with_an_activation_pre_scale_is_refused_not_dropped():
+    from tunemake.models.quantized import int4_weight
+
+    weight = int4_weight(torch.randn(32, 64).bfloat16(), 64)
+    weight.act_pre_scale = torch.ones(64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="activation pre-scale"):
+        int4_for_device(weight, torch.device("cpu"))
+
+
+def test_validate_refuses_a_checkpoint_transformers_quantized(tied, tmp_path):
+    folder = tmp_path / "hf_quantized"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((tied / "model.safetensors").read_bytes())
+    config = json.loads((tied / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "torchao"}}))
+    with pytest.raises(ValueError, match="is already quantized \\(config.json has a quantization_config\\)"):
+        quantize.validate(quantize.Params(model="hf_quantized", scheme="int8_weight_only"), tmp_path)

@@ -103,6 +103,13 @@ def validate(params: Params, project_dir) -> None:
     check_model_folder(folder)
     if (folder / "quantization.json").exists():
         raise ValueError(f"model: {folder} is already quantized (has quantization.json); give a full-precision one")
+    try:
+        quantized_by_transformers = "quantization_config" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        quantized_by_transformers = False  # check_model_folder has vetted config.json; be lenient here
+    if quantized_by_transformers:
+        raise ValueError(f"model: {folder} is already quantized (config.json has a quantization_config); "
+                         "give a full-precision one")
     if not any(folder.glob("*.safetensors")):
         raise ValueError(f"model: {folder} has no .safetensors weights (quantize reads safetensors only)")
 
@@ -230,6 +237,9 @@ def run(params: Params, ctx) -> None:
     config = json.loads((source / CONFIG_FILE).read_text(encoding="utf-8"))
     if "lm_head" in quantized and getattr(model, "lm_head", None) is None:
         config["tie_word_embeddings"] = False  # the tied output projection is quantized on its own
+    for key in ("dtype", "torch_dtype"):  # the dtype the model computes in now (transformers 5 reads "dtype")
+        if key in config or key == "dtype":
+            config[key] = params.dtype
     config["quantization_config"] = torchao_quantization_config(params, groups, sorted(kept))
     (ctx.out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     info = {
@@ -238,7 +248,7 @@ def run(params: Params, ctx) -> None:
         "dtype": params.dtype,
         "device": device.type,
         "exclude": params.exclude,
-        "config": config_used or {},
+        "config": {**(config_used or {}), "group_size": params.groupsize} if params.groupsize else config_used or {},
         "weights_file": weights_file,
         # stored device-neutral; tunemake repacks it when loading (transformers needs mslk on CUDA for it)
         "packing": PACKING.get(params.scheme, "torchao's own, the same on every device"),

@@ -83,8 +83,7 @@ def quantize_weight(
     When groupsize does not divide in_features, zero columns are appended up to the next
     multiple (the module then needs pad_input_to_weight). Raises rather than returning the
     weight unquantized, as torchao's quantize_ silently does. Rows are quantized chunk_rows
-    at a time: every scheme here except CUDA int4 keeps its scales per row (or per group
-    within a row), so the result is the same (tests check it bit for bit) while the fp32
+    at a time: every scheme here keeps its scales per row (or per group within a row), so the result is the same (tests check it bit for bit) while the fp32
     temporaries, several times a weight's size, cover one chunk, not a whole output projection.
     """
     if scheme == "int4_weight_only":
@@ -189,11 +188,18 @@ def int4_dequantize(weight) -> torch.Tensor:
 
 def int4_for_device(weight, device: torch.device, chunk_rows: int = 4096) -> torch.Tensor:
     """Repack a stored Int4Tensor for the kernel of `device`: Int4OpaqueTensor (aten int4pack)
-    on CPU, Int4TilePackedTo4dTensor (tinygemm) on CUDA. The codes, scales and zero points are
-    the stored ones, so the result is what quantizing on that device would have given."""
+    on CPU, Int4TilePackedTo4dTensor (tinygemm) on CUDA, with the stored codes, scales and zero
+    points (quantizing on that device differs only for constant groups, whose eps differs)."""
     from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
 
     device = torch.device(device)
+    if getattr(weight, "act_pre_scale", None) is not None or getattr(weight, "activation_dtype", None) not in (
+            None, torch.bfloat16):
+        # an AWQ/SmoothQuant pre-scale or float8 activations: the repacked kernels would drop them
+        raise ValueError("int4 weights with an activation pre-scale or float8 activations are not supported "
+                         "(tunemake runs int4 weight-only with bf16 activations)")
+    if weight.scale.dtype != torch.bfloat16:
+        raise ValueError(f"int4 weights need bfloat16 scales (the int4 kernels' only dtype), got {weight.scale.dtype}")
     out_features, in_features = weight.shape
     group = weight.block_size[-1]
     scale, zero = weight.scale.t(), weight.zero_point.t()  # [out, groups]
@@ -217,19 +223,32 @@ def int4_for_device(weight, device: torch.device, chunk_rows: int = 4096) -> tor
     if device.type == "cuda":
         from torchao.quantization import Int4TilePackedTo4dTensor
 
-        # tinygemm wants in_features % 1024 and out_features % 8 (as Int4TilePackedTo4dTensor.from_hp
-        # pads); padded columns meet zero-padded inputs and padded rows are sliced off
-        codes = int4_codes(weight).to(device)
-        rows, columns = -out_features % 8, -in_features % 1024
-        codes = F.pad(codes, (0, columns, 0, rows))
-        pairs = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
-        packed = torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), 8)
-        groups = columns // group
-        scale = F.pad(scale.to(device), (0, groups, 0, rows), value=1.0)
-        zero = F.pad(zero.to(device), (0, groups, 0, rows), value=8.0)
-        return Int4TilePackedTo4dTensor(qdata=packed, scale_and_zero=pack_tinygemm_scales_and_zeros(scale, zero, scale.dtype),
-                                        block_size=[1, group], shape=torch.Size((out_features, in_features)))
+        if torch.cuda.get_device_capability(device)[0] < 8:
+            raise ValueError(f"int4 on CUDA needs tinygemm's tensor cores (compute capability 8.0 or newer), "
+                             f"got {torch.cuda.get_device_capability(device)}")
+        pairs, scale_and_zero = tinygemm_inputs(weight.to(device))
+        packed = torch.ops.aten._convert_weight_to_int4pack(pairs, 8)
+        return Int4TilePackedTo4dTensor(qdata=packed, scale_and_zero=scale_and_zero, block_size=[1, group],
+                                        shape=torch.Size((out_features, in_features)))
     raise ValueError(f"int4 weights run on cpu or cuda, not {device.type}")
+
+
+def tinygemm_inputs(weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """What aten._convert_weight_to_int4pack and the tinygemm linear take for an Int4Tensor, on its
+    device: the codes as uint8 pairs [out', in'/2] (even column in the high nibble) and the packed
+    scales and zeros [groups', out', 2], with out' and in' padded to multiples of 8 and 1024 as
+    Int4TilePackedTo4dTensor.from_hp pads (padded weights are 0: code 0, scale 1, zero 8; the
+    linear zero-pads the input and slices padded rows off). Plain tensor ops, so tests run it on CPU."""
+    from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
+
+    out_features, in_features = weight.shape
+    rows, columns = -out_features % 8, -in_features % 1024
+    codes = F.pad(int4_codes(weight), (0, columns, 0, rows))
+    pairs = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8).contiguous()
+    groups = columns // weight.block_size[-1]
+    scale = F.pad(weight.scale.t(), (0, groups, 0, rows), value=1.0)
+    zero = F.pad(weight.zero_point.t(), (0, groups, 0, rows), value=8.0)
+    return pairs, pack_tinygemm_scales_and_zeros(scale, zero, scale.dtype)
 
 
 def _row_slice(weight, start: int, stop: int):
@@ -343,15 +362,19 @@ def load_quantized_state_dict(folder: Path, weights_file: str | None = None, dev
     files = sorted(set(weight_files(folder).values()))
     if any(path.suffix != ".safetensors" for path in files):
         raise ValueError(f"{folder}: quantized weights must be safetensors, found {', '.join(p.name for p in files)}")
-    state_dict = {}
+    # transformers flattens, then shards: one weight's parts may sit in different files
+    tensors, metadata = {}, {}
     for path in files:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-            metadata = f.metadata() or {}
-        part, leftover = unflatten_tensor_state_dict(tensors, metadata)
-        if leftover:
-            raise ValueError(f"{path}: tensors not described by its metadata: {', '.join(sorted(leftover))}")
-        state_dict.update(part)
+            tensors.update((key, f.get_tensor(key)) for key in f.keys())
+            shard = f.metadata() or {}
+        names = json.loads(shard.pop("tensor_names", "[]"))
+        metadata.update(shard)
+        known = json.loads(metadata.get("tensor_names", "[]"))
+        metadata["tensor_names"] = json.dumps(list(dict.fromkeys(known + names)))  # shards may repeat the list
+    state_dict, leftover = unflatten_tensor_state_dict(tensors, metadata)
+    if leftover:
+        raise ValueError(f"{folder}: tensors not described by the safetensors metadata: {', '.join(sorted(leftover)[:5])}")
     return state_dict
 
 
@@ -409,6 +432,9 @@ def info_from_torchao_config(folder) -> dict:
         configs = list(((default.get("_data") or {}).get("fqn_to_config") or {}).values())
         inner = next((c for c in configs if isinstance(c, dict) and c.get("_type")), {})
     kind = inner.get("_type")
+    weight_dtype = ((inner.get("_data") or {}).get("weight_dtype") or {}).get("_data")
+    if kind == "Int8DynamicActivationIntxWeightConfig" and weight_dtype != "int4":
+        kind = f"{kind} with weight_dtype {weight_dtype}"
     if kind not in CONFIG_SCHEMES:
         raise ValueError(f"{path}: quantization_config uses torchao {kind}, which tunemake cannot load "
                          f"(it reads {', '.join(CONFIG_SCHEMES)})")
@@ -439,6 +465,9 @@ def load_quantized_model(folder, device="cpu", dtype=None):
     for name, tensor in state_dict.items():
         if type(tensor).__name__ == "Int4Tensor":  # stored device-neutral: repack for this device's kernel
             state_dict[name] = int4_for_device(tensor, device)
+        elif type(tensor).__name__ == "Int4TilePackedTo4dTensor" and device.type != "cuda":
+            raise ValueError(f"{folder}: {name} is int4 packed for CUDA's tinygemm kernel (int4_packing_format "
+                             f"tile_packed_to_4d), which runs on CUDA only; quantize with tunemake for a portable int4")
 
     args = read_config(folder)
     with torch.device("meta"):
