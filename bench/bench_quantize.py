@@ -108,7 +108,7 @@ def int4_candidate(name: str):
     from torch import nn
 
     from tunemake.models import load_model
-    from tunemake.models.quantized import pad_in_features, pad_input_to_weight, quantize_weight
+    from tunemake.models.quantized import int4_cpu_weight, pad_in_features, pad_input_to_weight
 
     model = load_model(CHECKPOINT, dtype=torch.bfloat16)
     model.lm_head = nn.Linear(model.args.dim, model.args.vocab_size, bias=False, device="meta")
@@ -129,7 +129,7 @@ def int4_candidate(name: str):
                     module.register_forward_pre_hook(pad_input_to_weight)
                 quantize_(module, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(256)))
             elif name == "packed_int4_g128":  # = PrototypeInt4WeightOnlyConfig(group_size=128)
-                module.weight = nn.Parameter(quantize_weight(weight, "int4_weight_only", 128)[0], requires_grad=False)
+                module.weight = nn.Parameter(int4_cpu_weight(weight, 128), requires_grad=False)
                 if module.weight.shape[1] != weight.shape[1]:
                     module.register_forward_pre_hook(pad_input_to_weight)
             else:
