@@ -127,6 +127,9 @@ class NativeLM(TemplateLM):
         with _final_positions(self.model, positions.to(self._device)):
             logits = self.model(padded.to(self._device))
         log_probs = F.log_softmax(logits.float(), dim=-1).cpu()
+        if not torch.isfinite(logits).all():  # lm-eval would turn NaN scores into a plausible accuracy
+            raise ValueError("the model computed NaN or infinite logits: its weights are corrupt or do not fit "
+                             "the kernels they were loaded for")
         return [log_probs[row, scored - count :] for row, count in enumerate(counts)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

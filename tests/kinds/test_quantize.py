@@ -362,6 +362,9 @@ def test_summary_and_resources(tied, tmp_path, monkeypatch):
     assert "int8_dynamic_activation_int4_weight, group size 128, bfloat16 on cpu" in text
     assert "15 quantized (2 with a smaller group size, 0 padded), 0 kept" in text and "model.safetensors" in text
     assert "loads in transformers: yes" in text
+    int4 = build(tied, tmp_path / "int4", scheme="int4_weight_only")
+    assert "loads in transformers: yes (it runs there on CUDA with mslk" in quantize.summary(tmp_path / "int4")
+    assert int4["transformers_loadable"]
     params = lambda device: quantize.Params(model="m", scheme="int8_weight_only", device=device)  # noqa: E731
     assert quantize.resources(params("cuda")) == {"gpus": 1}
     assert quantize.resources(params("cpu")) == {}
@@ -551,3 +554,52 @@ def test_validate_refuses_a_checkpoint_transformers_quantized(tied, tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "torchao"}}))
     with pytest.raises(ValueError, match="is already quantized \\(config.json has a quantization_config\\)"):
         quantize.validate(quantize.Params(model="hf_quantized", scheme="int8_weight_only"), tmp_path)
+
+
+def test_outputs_are_byte_identical_across_processes(tied, tmp_path):
+    """safetensors writes its metadata map in a per-process random order; the header is rewritten
+    sorted, so a rebuilt checkpoint has the same bytes and nothing downstream reruns."""
+    import hashlib
+
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[3]); import test_quantize as t; "
+            "t.build(Path(sys.argv[1]), Path(sys.argv[2]), scheme='int8_dynamic_activation_int4_weight')")
+    digests = set()
+    for run in range(2):
+        out = tmp_path / f"run{run}"
+        subprocess.run([sys.executable, "-c", code, str(tied), str(out), str(Path(__file__).parent)], check=True,
+                       env={**__import__("os").environ, "PYTHONHASHSEED": str(run + 1)})
+        digests.add(hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+
+
+def test_tampered_or_lying_checkpoints_fail_loudly_naming_the_file(tied, tmp_path):
+    from safetensors import safe_open
+
+    build(tied, tmp_path / "int4", scheme="int4_weight_only", groupsize=64)
+    path = tmp_path / "int4" / "model.safetensors"
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    meta = json.loads(header["__metadata__"]["model.layers.0.mlp.up_proj.weight"])
+    meta["_data"]["block_size"] = [1, 32]  # the scale and zero point were made for 64
+    header["__metadata__"]["model.layers.0.mlp.up_proj.weight"] = json.dumps(meta)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(len(new).to_bytes(8, "little") + new + data[8 + length :])
+    with pytest.raises(ValueError, match=r"model.safetensors: model.layers.0.mlp.up_proj.weight: Int4Tensor parts do not fit"):
+        load_model(tmp_path / "int4")
+    path.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ValueError, match=r"model.safetensors: cannot read safetensors"):
+        load_model(tmp_path / "int4")
+
+    build(tied, tmp_path / "int8", scheme="int8_weight_only")
+    record = tmp_path / "int8" / "quantization.json"
+    info = json.loads(record.read_text())
+    record.write_text(json.dumps({**info, "scheme": "float8_weight_only"}))
+    with pytest.raises(ValueError, match="the weights are Int8Tensor, not what scheme float8_weight_only"):
+        load_model(tmp_path / "int8")
+    record.write_text(json.dumps({**info, "dtype": "float32"}))
+    with pytest.raises(ValueError, match="is quantized for torch.bfloat16, but the checkpoint records dtype float32"):
+        load_model(tmp_path / "int8")
+    with safe_open(str(tmp_path / "int8" / "model.safetensors"), "pt") as f:
+        assert f.metadata()["tensor_names"]

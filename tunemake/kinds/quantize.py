@@ -101,17 +101,23 @@ def validate(params: Params, project_dir) -> None:
     if not folder.exists():
         return
     check_model_folder(folder)
-    if (folder / "quantization.json").exists():
-        raise ValueError(f"model: {folder} is already quantized (has quantization.json); give a full-precision one")
-    try:
-        quantized_by_transformers = "quantization_config" in json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError, TypeError):
-        quantized_by_transformers = False  # check_model_folder has vetted config.json; be lenient here
-    if quantized_by_transformers:
-        raise ValueError(f"model: {folder} is already quantized (config.json has a quantization_config); "
-                         "give a full-precision one")
+    already_quantized(folder, "model")
     if not any(folder.glob("*.safetensors")):
         raise ValueError(f"model: {folder} has no .safetensors weights (quantize reads safetensors only)")
+
+
+def already_quantized(folder: Path, field: str, label: str | None = None) -> None:
+    """Refuse a quantized source (tunemake's or one transformers wrote): quantizing twice compounds the loss."""
+    label = label or str(folder)
+    if (folder / "quantization.json").exists():
+        raise ValueError(f"{field}: {label} is already quantized (has quantization.json); give a full-precision one")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # check_model_folder and read_config report a broken config.json
+    if isinstance(config, dict) and "quantization_config" in config:
+        raise ValueError(f"{field}: {label} is already quantized (config.json has a quantization_config); "
+                         "give a full-precision one")
 
 
 def resources(params: Params) -> dict:
@@ -139,7 +145,7 @@ def summary(out_dir) -> str:
         f"linear layers: {len(info['quantized'])} quantized ({len(info.get('smaller_group', {}))} with a smaller "
         f"group size, {len(info['padded'])} padded), {len(info['kept'])} kept in {info['dtype']}",
         f"packing: {info.get('packing')}; loads in transformers: "
-        f"{'yes' if info.get('transformers_loadable', True) else 'no (padded layers)'}",
+        f"{TRANSFORMERS_NOTE.get(info['scheme'], 'yes') if info.get('transformers_loadable', True) else 'no (padded layers)'}",
         f"weights: {info['bytes_before'] / 1e6:.1f} MB -> {info['bytes_after'] / 1e6:.1f} MB ({info['weights_file']})",
         f"took {info['seconds']:.1f} s, peak RSS {info['peak_rss_bytes'] / 1e6:.0f} MB; "
         f"torch {info['torch_version']}, torchao {info['torchao_version']}",
@@ -169,6 +175,9 @@ def run(params: Params, ctx) -> None:
     dtype = getattr(torch, params.dtype)
 
     # everything that can be wrong with the checkpoint is found here, before any tensor is read
+    from tunemake.kinds.model_inputs import dependency_name
+
+    already_quantized(source, "model", dependency_name(ctx, source))
     args = read_config(source)
     with torch.device("meta"):
         model = Transformer(args)
@@ -284,6 +293,7 @@ def run(params: Params, ctx) -> None:
     )
 
 
+TRANSFORMERS_NOTE = {"int4_weight_only": "yes (it runs there on CUDA with mslk; on CPU its forward raises)"}
 PACKING = {"int4_weight_only": "Int4Tensor plain (device-neutral); repacked when loaded: int4pack_for_cpu on CPU, "
                                "tinygemm tile_packed_to_4d on CUDA"}
 

@@ -345,7 +345,24 @@ def save_quantized_state_dict(state_dict: dict[str, torch.Tensor], folder: Path)
         metadata[name] = flat_metadata[name]
     metadata["tensor_names"] = json.dumps(names)
     save_file(tensors, str(Path(folder) / SAFETENSORS_FILE), metadata)
+    canonical_header(Path(folder) / SAFETENSORS_FILE)
     return SAFETENSORS_FILE
+
+
+def canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place. safetensors writes the
+    metadata map in a per-process random order, so the same tensors gave other bytes on every
+    build and everything downstream of a rebuilt checkpoint reran. The header holds the same
+    entries compactly either way, so the sorted one has the same length (padded with spaces,
+    as the format allows); the data after it is not touched."""
+    with open(path, "r+b") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) > length:
+            raise RuntimeError(f"{path}: sorted safetensors header is longer than the original")
+        f.seek(8)
+        f.write(canonical + b" " * (length - len(canonical)))
 
 
 def load_quantized_state_dict(folder: Path, weights_file: str | None = None, device: str | torch.device = "cpu") -> dict:
@@ -365,16 +382,37 @@ def load_quantized_state_dict(folder: Path, weights_file: str | None = None, dev
     # transformers flattens, then shards: one weight's parts may sit in different files
     tensors, metadata = {}, {}
     for path in files:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            tensors.update((key, f.get_tensor(key)) for key in f.keys())
-            shard = f.metadata() or {}
-        names = json.loads(shard.pop("tensor_names", "[]"))
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                tensors.update((key, f.get_tensor(key)) for key in f.keys())
+                shard = f.metadata() or {}
+            names = json.loads(shard.pop("tensor_names", "[]"))
+        except Exception as error:  # safetensors' own error types: a truncated or garbled file
+            raise ValueError(f"{path}: cannot read safetensors: {type(error).__name__}: {error}") from None
+        if not names:
+            raise ValueError(f"{path}: no torchao metadata (tensor_names): plain weights under a torchao "
+                             "quantization_config, or a file that is not a torchao checkpoint")
         metadata.update(shard)
         known = json.loads(metadata.get("tensor_names", "[]"))
         metadata["tensor_names"] = json.dumps(list(dict.fromkeys(known + names)))  # shards may repeat the list
-    state_dict, leftover = unflatten_tensor_state_dict(tensors, metadata)
+    where = files[0] if len(files) == 1 else folder
+    try:
+        state_dict, leftover = unflatten_tensor_state_dict(tensors, metadata)
+    except Exception as error:  # torchao's own errors for a tampered or foreign header
+        raise ValueError(f"{where}: torchao metadata does not describe its tensors: {type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''}") from None
     if leftover:
-        raise ValueError(f"{folder}: tensors not described by the safetensors metadata: {', '.join(sorted(leftover)[:5])}")
+        raise ValueError(f"{where}: tensors not described by the safetensors metadata: {', '.join(sorted(leftover)[:5])}")
+    for name, tensor in state_dict.items():
+        if type(tensor).__name__ == "Int4Tensor":
+            out_features, in_features = tensor.shape
+            groups = in_features // tensor.block_size[-1]
+            if (in_features % tensor.block_size[-1] or list(tensor.qdata.shape) != [out_features, in_features // 2]
+                    or list(tensor.scale.shape) != [groups, out_features]
+                    or list(tensor.zero_point.shape) != [groups, out_features]):
+                raise ValueError(f"{where}: {name}: Int4Tensor parts do not fit its shape {list(tensor.shape)} and "
+                                 f"block size {tensor.block_size} (qdata {list(tensor.qdata.shape)}, "
+                                 f"scale {list(tensor.scale.shape)})")
     return state_dict
 
 
@@ -396,6 +434,15 @@ def read_quantization_info(folder: Path) -> dict:
         raise ValueError(f"{path}: field 'dtype' must be bfloat16, float16 or float32, got {info['dtype']!r}")
     return info
 
+
+# the torchao tensor each scheme stores (int4 as loaded: repacked for the device)
+SCHEME_TENSORS = {
+    "int4_weight_only": {"Int4OpaqueTensor", "Int4TilePackedTo4dTensor"},
+    "int8_weight_only": {"Int8Tensor"},
+    "int8_dynamic_activation_int8_weight": {"Int8Tensor"},
+    "int8_dynamic_activation_int4_weight": {"IntxUnpackedToInt8Tensor"},
+    "float8_weight_only": {"Float8Tensor"},
+}
 
 # torchao config class -> tunemake scheme, for checkpoints other tools wrote
 CONFIG_SCHEMES = {
@@ -481,6 +528,15 @@ def load_quantized_model(folder, device="cpu", dtype=None):
     if missing or unexpected:
         raise ValueError(f"{folder / (info['weights_file'] or SAFETENSORS_FILE)}: tensors do not match the model in config.json "
                          f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
+    kinds = {type(t).__name__ for t in state_dict.values() if type(t) is not torch.Tensor}
+    allowed = SCHEME_TENSORS.get(info["scheme"], kinds)
+    if not kinds <= allowed:  # a record that disagrees with the tensors is not trusted
+        raise ValueError(f"{folder}: the weights are {', '.join(sorted(kinds))}, not what scheme {info['scheme']} "
+                         f"(quantization.json or config.json) stores ({', '.join(sorted(allowed))})")
+    for name, tensor in state_dict.items():
+        if type(tensor) is not torch.Tensor and tensor.dtype != stored_dtype:
+            raise ValueError(f"{folder}: {name} is quantized for {tensor.dtype}, but the checkpoint records dtype "
+                             f"{info['dtype']}")
     for name, tensor in state_dict.items():
         module_name, _, leaf = name.rpartition(".")
         want = list(expected[name].shape)
