@@ -257,7 +257,8 @@ def run(params: Params, ctx) -> None:
         "dtype": params.dtype,
         "device": device.type,
         "exclude": params.exclude,
-        "config": {**(config_used or {}), "group_size": params.groupsize} if params.groupsize else config_used or {},
+        # the config of the requested group size; layers that took another are in group_sizes
+        "config": {**(config_used or {}), **({"group_size": params.groupsize} if params.groupsize else {})},
         "weights_file": weights_file,
         # stored device-neutral; tunemake repacks it when loading (transformers needs mslk on CUDA for it)
         "packing": PACKING.get(params.scheme, "torchao's own, the same on every device"),
