@@ -156,6 +156,15 @@ def test_layers_no_group_divides_are_padded_and_transformers_refuses_them(tmp_pa
     assert list(model.model.layers[0].mlp.down_proj.weight.shape) == [64, 256]
     with pytest.raises(RuntimeError, match="cannot be multiplied"), torch.no_grad():
         model(TOKENS)
+    # the padding is visible in the tensors themselves: without quantization.json tunemake still runs it
+    import shutil
+
+    from tunemake.models import load_model
+
+    shutil.copytree(tmp_path / "targets" / "q", tmp_path / "bare")
+    (tmp_path / "bare" / "quantization.json").unlink()
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "bare")(TOKENS), load_model(tmp_path / "targets" / "q")(TOKENS))
 
 
 def test_round_trip_is_bit_exact_and_stored_int4_is_device_neutral(built):

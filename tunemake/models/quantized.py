@@ -521,7 +521,7 @@ def load_quantized_model(folder, device="cpu", dtype=None):
         model = Transformer(args)
         if getattr(model, "lm_head", None) is None and "lm_head.weight" in state_dict:
             model.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
-    padded = info.get("padded", {})
+    padded = dict(info.get("padded", {}))
     expected = model.state_dict(keep_vars=True)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -540,6 +540,11 @@ def load_quantized_model(folder, device="cpu", dtype=None):
     for name, tensor in state_dict.items():
         module_name, _, leaf = name.rpartition(".")
         want = list(expected[name].shape)
+        block = (getattr(tensor, "block_size", None) or [0])[-1]
+        if (module_name not in padded and leaf == "weight" and len(want) == 2 and block > 1
+                and tensor.shape[1] == want[1] + (-want[1] % block) != want[1]):
+            # zero columns up to a multiple of the group size: a padded layer, even without quantization.json
+            padded[module_name] = {"in_features": want[1], "padded_in_features": tensor.shape[1]}
         if module_name in padded:
             want[1] = padded[module_name]["padded_in_features"]
         if list(tensor.shape) != want:
