@@ -31,12 +31,13 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 # the schemes transformers + torchao can run on CPU: every one is checked on every family
 CPU_SCHEMES = ["int8_weight_only", "int8_dynamic_activation_int8_weight", "int8_dynamic_activation_int4_weight",
                "float8_weight_only"]
-FAMILIES = {  # name -> (model_type, overrides): untied and tied heads, biases, qk-norm, a sliding window
+FAMILIES = {  # name -> (model_type, overrides): untied and tied heads, biases, qk-norm, a sliding window, Gemma
     "llama": ("llama", {}),
     "llama_tied": ("llama", {"tie_word_embeddings": True, "head_dim": 24}),
     "mistral_window": ("mistral", {"sliding_window": 6}),
     "qwen2_bias": ("qwen2", {"use_sliding_window": False}),
     "qwen3_qk_norm": ("qwen3", {"head_dim": 24, "tie_word_embeddings": True}),
+    "gemma": ("gemma", {"head_dim": 24}),  # tied, GeGLU, (1 + weight) norms, scaled embeddings
 }
 TOKENS = torch.tensor([[1, 17, 33, 90, 5, 64, 7, 120, 3, 44]])
 

@@ -45,24 +45,28 @@ ARCHITECTURES = {
     "qwen2_bias": ("qwen2", {"rope_theta": 1000000.0, "use_sliding_window": False}),
     "qwen2_tied": ("qwen2", {"tie_word_embeddings": True, "use_sliding_window": False}),
     "qwen3_qk_norm": ("qwen3", {"rope_theta": 1000000.0, "head_dim": 24, "tie_word_embeddings": True}),
+    # GeGLU (tanh GELU), (1 + weight) norms in fp32, embeddings scaled by sqrt(hidden), head_dim != hidden/heads
+    "gemma": ("gemma", {"head_dim": 24}),
 }
 
 
 def hf_config(model_type: str, **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
-                    "qwen3": Qwen3Config}[model_type]
+                    "qwen3": Qwen3Config, "gemma": GemmaConfig}[model_type]
     return config_class(**{**TINY, **overrides})
 
 
 def randomize_(model, seed: int = 0, std: float = 0.15):
     """Every parameter random (norm weights around 1, biases nonzero) so no term can hide."""
     generator = torch.Generator().manual_seed(seed)
+    # Gemma stores a norm's scale minus one: its norms are centred on 0 for an effective scale near 1
+    centre = 0.0 if model.config.model_type == "gemma" else 1.0
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator) * std
-            param.copy_(noise + (1.0 if "norm" in name else 0.0))
+            param.copy_(noise + (centre if "norm" in name else 0.0))
     return model
 
 

@@ -1,4 +1,4 @@
-"""Native PyTorch Llama-family decoder (Llama 2/3.x, Mistral, TinyLlama, SmolLM, Qwen2/2.5, Qwen3).
+"""Native PyTorch Llama-family decoder (Llama 2/3.x, Mistral, TinyLlama, SmolLM, Qwen2/2.5, Qwen3, Gemma).
 
 Parameter names follow Hugging Face so a checkpoint's safetensors map 1:1 onto
 `Transformer.state_dict()`. Numerics follow transformers' reference (RMSNorm in fp32,
@@ -12,12 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ARCHITECTURE_NAMES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                      "qwen3": "Qwen3ForCausalLM"}
+                      "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM"}
 # transformers' config-class defaults for fields a config.json may leave out
-DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768}
+DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768, "gemma": 8192}
+# MLP activations by transformers' names; Gemma's "gelu" is the tanh approximation too (transformers maps it so)
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_tanh"}
 
 
 @dataclass
@@ -39,6 +41,8 @@ class ModelArgs:
     mlp_bias: bool = False
     sliding_window: int | None = None
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
+    activation: str = "silu"  # the MLP's gate: "silu" or "gelu_tanh" (Gemma)
+    gemma_norms: bool = False  # Gemma: RMSNorm scales by (1 + weight), in fp32; embeddings scaled by sqrt(dim)
     max_position_embeddings: int = 2048
     model_type: str = "llama"
     bos_token_id: int | None = None
@@ -82,13 +86,18 @@ class ModelArgs:
         n_heads = required_int("num_attention_heads")
         n_kv_heads = config.get("num_key_value_heads") or n_heads
         # transformers' Qwen3Config defaults head_dim to 128, the others derive it
-        head_dim = config.get("head_dim") or (128 if model_type == "qwen3" else dim // n_heads)
+        head_dim = config.get("head_dim") or (128 if model_type == "qwen3" else 256 if model_type == "gemma"
+                                               else dim // n_heads)
         for key, value in (("num_key_value_heads", n_kv_heads), ("head_dim", head_dim)):
             if not isinstance(value, int) or value <= 0:
                 fail(f"field {key!r} must be a positive integer, got {value!r}")
-        activation = config.get("hidden_act", "silu")
-        if activation != "silu":
-            fail(f"hidden_act {activation!r} is not supported (only 'silu')")
+        if model_type == "gemma":  # transformers' GemmaConfig: hidden_activation wins over the legacy hidden_act
+            activation = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
+        else:
+            activation = config.get("hidden_act", "silu")
+        allowed = ("gelu_pytorch_tanh", "gelu") if model_type == "gemma" else ("silu",)
+        if activation not in allowed:
+            fail(f"hidden_act {activation!r} is not supported for {model_type} (only {', '.join(map(repr, allowed))})")
 
         rope_theta, rope_scaling = _read_rope_settings(config, fail)
         max_positions = config.get("max_position_embeddings", DEFAULT_MAX_POSITIONS[model_type])
@@ -115,7 +124,7 @@ class ModelArgs:
             "hidden_act", "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings", "vocab_size",
             "num_hidden_layers", "intermediate_size", "rms_norm_eps", "tie_word_embeddings", "attention_bias",
             "mlp_bias", "sliding_window", "use_sliding_window", "bos_token_id", "eos_token_id", "pad_token_id",
-            "torch_dtype", "dtype", "partial_rotary_factor",
+            "torch_dtype", "dtype", "partial_rotary_factor", "hidden_activation",
         }
         try:
             return cls(
@@ -129,12 +138,15 @@ class ModelArgs:
                 norm_eps=float(config.get("rms_norm_eps", 1e-6)),
                 rope_theta=rope_theta,
                 rope_scaling=rope_scaling,
-                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                # GemmaConfig ties by default, the others do not
+                tie_word_embeddings=bool(config.get("tie_word_embeddings", model_type == "gemma")),
                 qkv_bias=qkv_bias,
                 o_bias=o_bias,
                 mlp_bias=mlp_bias,
                 sliding_window=sliding_window,
                 qk_norm=model_type == "qwen3",
+                activation=ACTIVATIONS[activation],
+                gemma_norms=model_type == "gemma",
                 max_position_embeddings=max_positions,
                 model_type=model_type,
                 bos_token_id=config.get("bos_token_id"),
@@ -159,7 +171,7 @@ class ModelArgs:
             num_attention_heads=self.n_heads,
             num_key_value_heads=self.n_kv_heads,
             head_dim=self.head_dim,
-            hidden_act="silu",
+            hidden_act="silu" if self.activation == "silu" else "gelu_pytorch_tanh",
             rms_norm_eps=self.norm_eps,
             rope_theta=self.rope_theta,
             rope_scaling=dict(self.rope_scaling) if self.rope_scaling else None,
@@ -171,6 +183,8 @@ class ModelArgs:
         )
         if self.model_type in ("qwen2", "qwen3"):
             config.update(use_sliding_window=False, sliding_window=None)
+        if self.model_type == "gemma":
+            config["hidden_activation"] = "gelu_pytorch_tanh"
         if self.model_type != "qwen2":
             config.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
             if self.qkv_bias != self.o_bias:
@@ -245,15 +259,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        # Gemma stores the scale minus one (its weights start at 0) and scales in fp32
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in fp32 even for bf16 activations, then scale in the activation dtype (as transformers
         # does); F.rms_norm is one fused kernel where the spelled-out formula takes five passes
         normalized = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        if self.offset:
+            return (normalized * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * normalized.to(x.dtype)
 
 
@@ -283,8 +301,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
         if args.qk_norm:
-            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
-            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.gemma_norms)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.gemma_norms)
         self.qk_norm = args.qk_norm
         self.kv_cache: KVCache | None = None
 
@@ -315,9 +333,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
         self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)
+        self.gelu = args.activation == "gelu_tanh"
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -325,8 +346,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(args)
         self.mlp = MLP(args)
-        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps, args.gemma_norms)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps, args.gemma_norms)
 
     def forward(self, x, cos, sin, mask, input_pos, key_len):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, key_len)
@@ -340,7 +361,7 @@ class DecoderStack(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.gemma_norms)
 
 
 class Transformer(nn.Module):
@@ -366,7 +387,7 @@ class Transformer(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
             elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
+                module.weight.fill_(0.0 if module.offset else 1.0)
 
     def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None):
         """Allocates a static KV cache for `max_seq_len` slots (size it to the request, not the model)."""
@@ -419,6 +440,8 @@ class Transformer(nn.Module):
         angles = positions.unsqueeze(-1).float() * inv_freq.to(device)
         angles = torch.cat((angles, angles), dim=-1)
         x = self.model.embed_tokens(tokens)
+        if self.args.gemma_norms:  # sqrt(dim), rounded to the activation dtype first as transformers does
+            x = x * torch.tensor(self.args.dim**0.5, dtype=x.dtype)
         cos = angles.cos().to(x.dtype).unsqueeze(1)
         sin = angles.sin().to(x.dtype).unsqueeze(1)
         compiling = torch.compiler.is_compiling()
