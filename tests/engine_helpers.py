@@ -67,3 +67,15 @@ def wait_for(path: Path, timeout: float = 30.0) -> None:
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.02)
+
+
+def assert_one_line_error(proc, expected) -> str:
+    """Bad input: exit code 2 and one `tunemake: error:` line holding every expected fragment."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("tunemake: error: ")
+    for fragment in expected:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]

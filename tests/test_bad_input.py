@@ -4,6 +4,7 @@ deep nesting, a cache folder that would endanger the project. Exit code 2 and on
 from __future__ import annotations
 
 import pytest
+from engine_helpers import assert_one_line_error
 
 GOOD = """
 [target.a]
@@ -13,17 +14,6 @@ cmd = "echo a > $TUNEMAKE_OUT/a"
 
 DEEP = "[" * 700 + "]" * 700  # tomllib itself recurses too deeply
 DEEPISH = "[" * 100 + "]" * 100  # parses, but deeper than tunemake accepts
-
-
-def _assert_one_line_error(proc, expected):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("tunemake: error: ")
-    for fragment in expected:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 CASES = {
@@ -70,18 +60,18 @@ def test_bad_tunefile(project, case):
     project.tunefile(text)
     project.write("mod.py", "def fn(ctx):\n    pass\n")  # for the python kind: only the function name is wrong
     for command in (["build"], ["status"]):
-        _assert_one_line_error(project.run(*command, check=False), expected)
+        assert_one_line_error(project.run(*command, check=False), expected)
 
 
 def test_cache_field_suggestions_do_not_offer_kind(project):
     project.tunefile('[cache]\ndri = ".c"\n' + GOOD)
-    line = _assert_one_line_error(project.run("build", check=False), ["field 'cache.dri'"])
+    line = assert_one_line_error(project.run("build", check=False), ["field 'cache.dri'"])
     assert "kind" not in line
 
 
 def test_unknown_field_is_reported_even_beside_a_bad_value(project):
     project.tunefile('[target.a]\nkind = "command"\ncmmd = "echo"\ngpus = "two"\n')
-    _assert_one_line_error(project.run("build", check=False), ["field 'cmmd'", "did you mean 'cmd'?"])
+    assert_one_line_error(project.run("build", check=False), ["field 'cmmd'", "did you mean 'cmd'?"])
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -92,7 +82,7 @@ def test_unknown_field_is_reported_even_beside_a_bad_value(project):
 ])
 def test_bad_set(project, args, expected):
     project.tunefile('[vars]\nsteps = 10\n' + GOOD)
-    _assert_one_line_error(project.run("build", *args, check=False), expected)
+    assert_one_line_error(project.run("build", *args, check=False), expected)
 
 
 def test_set_of_a_known_var_still_works(project):
@@ -127,7 +117,7 @@ def test_cache_dir_that_would_endanger_the_project(project, cache_dir, expected)
     (project.root / "tmp" / "mine").write_text("keep me")
     project.tunefile(f'[target.a]\nkind = "command"\ncmd = "x"\n\n[cache]\nlink = "copy"\ndir = "{cache_dir}"\n')
     for command in (["build"], ["status"], ["cache", "gc"]):
-        _assert_one_line_error(project.run(*command, check=False),
+        assert_one_line_error(project.run(*command, check=False),
                                ["tunefile.toml:7", "field 'cache.dir'", f"'{cache_dir}'", expected])
     assert project.read("tmp/mine") == "keep me"
 
@@ -155,7 +145,7 @@ def test_source_inside_a_multi_part_cache_dir_or_targets_is_refused(project, sou
     project.write("build/cache/x", "x")
     project.write("targets/x", "x")
     project.tunefile(f'[target.a]\nkind = "command"\ncmd = "x"\ndeps = ["{source}"]\n\n[cache]\ndir = "./build/cache"\n')
-    _assert_one_line_error(project.run("build", check=False),
+    assert_one_line_error(project.run("build", check=False),
                            ["tunefile.toml:4", "target 'a'", "field 'deps'", "which tunemake manages"])
 
 

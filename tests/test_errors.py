@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from engine_helpers import assert_one_line_error
 
 GOOD = """
 [target.a]
@@ -56,22 +57,12 @@ CASES = {
 }
 
 
-def _assert_one_line_error(proc, expected):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("tunemake: error: ")
-    for fragment in expected:
-        assert fragment in lines[0], (fragment, lines[0])
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_tunefile(project, case):
     text, expected = CASES[case]
     project.tunefile(text)
     for command in (["build"], ["status"]):
-        _assert_one_line_error(project.run(*command, check=False), expected)
+        assert_one_line_error(project.run(*command, check=False), expected)
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -87,7 +78,7 @@ def test_bad_tunefile(project, case):
 ])
 def test_bad_command_line(project, args, expected):
     project.tunefile(GOOD)
-    _assert_one_line_error(project.run(*args, check=False), expected)
+    assert_one_line_error(project.run(*args, check=False), expected)
 
 
 def test_missing_tunefile(tmp_path):
@@ -95,7 +86,7 @@ def test_missing_tunefile(tmp_path):
 
     empty = Project(tmp_path / "nowhere")
     (tmp_path / "nowhere").mkdir()
-    _assert_one_line_error(empty.run("build", check=False), ["tunefile.toml", "no tunefile here"])
+    assert_one_line_error(empty.run("build", check=False), ["tunefile.toml", "no tunefile here"])
 
 
 def test_a_fixed_tunefile_builds_after_an_error(project):

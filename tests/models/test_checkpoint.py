@@ -179,7 +179,8 @@ def test_quantized_folder_delegates_to_quantized_module(tmp_path, monkeypatch):
     calls = []
     fake = types.ModuleType("tunemake.models.quantized")
     fake.load_quantized_model = lambda folder, device, dtype: calls.append((folder, device, dtype)) or "quantized"
-    fake.torchao_config = lambda folder: {"quant_method": "torchao"} if folder.name == "hf" else None
+    # quantized: quantization.json, or (folder "hf") a TorchAoConfig in config.json
+    fake.is_quantized = lambda folder: (folder / "quantization.json").exists() or folder.name == "hf"
     monkeypatch.setitem(sys.modules, "tunemake.models.quantized", fake)
     assert load_model(tmp_path, dtype=torch.bfloat16) == "quantized"
     # a folder transformers wrote (a TorchAoConfig in config.json, no quantization.json) goes there too

@@ -180,9 +180,9 @@ def checkpoint_info(folder: Path, model_name: str) -> dict:
         "weight_bytes": sum(p.stat().st_size for p in files),
         "quantization": None,
     }
-    from tunemake.models.quantized import read_quantization_info, torchao_config
+    from tunemake.models.quantized import is_quantized, read_quantization_info
 
-    if (folder / "quantization.json").is_file() or torchao_config(folder) is not None:
+    if is_quantized(folder):
         recorded = read_quantization_info(folder)
         info["quantization"] = {key: recorded.get(key) for key in ("scheme", "groupsize", "dtype")}
     return info

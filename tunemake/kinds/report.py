@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -471,11 +470,8 @@ def divergence_table(report: dict) -> tuple[list[str], list[list[str]]]:
 
 def md_cell(text: str) -> str:
     """Text from labels and task data as inert Markdown: no HTML, no table breaks, one line."""
-    text = CONTROL.sub(" ", str(text))
+    text = report_plots.text(text)  # control characters out, as in the figures
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
-
-
-CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def markdown(report: dict) -> str:

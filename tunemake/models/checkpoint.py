@@ -115,9 +115,9 @@ def load_model(folder, device="cpu", dtype: torch.dtype | None = torch.float32) 
     is loaded by tunemake.models.quantized.
     """
     folder = Path(folder)
-    from tunemake.models.quantized import load_quantized_model, torchao_config
+    from tunemake.models.quantized import is_quantized, load_quantized_model
 
-    if (folder / "quantization.json").exists() or torchao_config(folder) is not None:
+    if is_quantized(folder):
 
         return load_quantized_model(folder, device, dtype)
     args = read_config(folder)

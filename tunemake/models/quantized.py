@@ -454,6 +454,11 @@ CONFIG_SCHEMES = {
 }
 
 
+def is_quantized(folder) -> bool:
+    """A quantized folder: tunemake's quantization.json, or a TorchAoConfig that transformers wrote."""
+    return (Path(folder) / QUANTIZATION_FILE).is_file() or torchao_config(folder) is not None
+
+
 def torchao_config(folder) -> dict | None:
     """config.json's quantization_config when it is transformers' TorchAoConfig, else None."""
     path = Path(folder) / "config.json"
