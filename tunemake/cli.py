@@ -414,6 +414,11 @@ def cmd_cache_ls(args) -> int:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(a.last_used))
         print(f"{a.key[:16]}  {str(a.entry.get('target')):<24} {human(size):>10}  last used {used}")
     print(f"{len(actions)} entries, {human(total)} of outputs")
+    from tunemake.request_cache import stats
+
+    answers, size = stats(store.root / "requests")
+    if answers or size:
+        print(f"request-level eval answers: {answers} units, {human(size)}")
     return 0
 
 
@@ -428,6 +433,8 @@ def cmd_cache_gc(args) -> int:
     result = gc(store, live, limit)
     for target, key in result["evicted"]:
         print(f"evicted {key[:16]} ({target})")
+    if result["answers_evicted"]:
+        print(f"evicted {result['answers_evicted']} request-level eval answers (the least recently used)")
     print(f"removed {result['blobs_removed']} blobs ({human(result['bytes_removed'])}); "
           f"cache holds {human(result['bytes_kept'])}")
     return 0
@@ -446,7 +453,14 @@ def cmd_cache_verify(args) -> int:
     for name in result["removed_targets"]:
         print(f"removed targets/{name}: it was made from a corrupt blob; the next build restores or redoes it")
     print(f"checked {result['checked']} blobs: {len(result['corrupt'])} corrupt")
-    return 1 if result["corrupt"] else 0
+    answers = result["answers"]
+    if answers["removed_database"]:
+        print("removed the request-level eval answers: their database was unreadable (evals recompute them)")
+    elif answers["checked"] or answers["repaired"]:
+        print(f"checked {answers['checked']} request-level eval answers: {answers['corrupt']} corrupt, removed"
+              + (f"; repaired {answers['repaired']} database inconsistencies" if answers["repaired"] else ""))
+    bad = result["corrupt"] or answers["corrupt"] or answers["repaired"] or answers["removed_database"]
+    return 1 if bad else 0
 
 
 def cmd_cache_push(args) -> int:

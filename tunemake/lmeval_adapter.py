@@ -2,19 +2,20 @@
 
 Imported only inside the eval step's child process (it imports torch and lm_eval).
 
-Loglikelihood requests are deduplicated (multiple-choice answers of one token share
-the same input), sorted longest first and run in right-padded batches; causal attention
-means padding after a row's last token never changes that row's logits, so no mask is
-needed. Only the positions that score continuation tokens go through the final norm and
-the output projection: with a 49k vocabulary (a 135M model) that projection is a fifth
-of the model's work per position, and the log-softmax over it dominates memory.
+Loglikelihood requests are answered per context (a multiple-choice document): one forward
+pass runs the context once with every continuation packed after it, where lm-eval's HF model
+runs the whole context again for each choice. Only the positions that score continuation
+tokens go through the final norm and the output projection (with a 49k vocabulary that
+projection is a fifth of a 135M model's work per position). A unit never shares a forward
+pass with another document, so its answers depend on nothing else: they are the same at any
+batch size and can be served from the request cache (tunemake.request_cache), which also lets
+a killed eval resume. Generation runs in batches of `batch_size` in document order.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from tunemake.request_cache import RequestCache
 
 Progress = Callable[[int, int, str], None]
 
@@ -40,6 +43,7 @@ class NativeLM(TemplateLM):
         seed: int = 0,
         name: str = "native",
         progress: Progress | None = None,
+        cache: RequestCache | None = None,
     ):
         super().__init__()
         self.model = model
@@ -51,6 +55,7 @@ class NativeLM(TemplateLM):
         self.seed = seed
         self.name = name
         self.report_progress = progress or (lambda done, total, message: None)
+        self.cache = cache or RequestCache(None, {})
         self._device = next(model.parameters()).device
         self._bos_text = tokenizer.decode([tokenizer.bos_id]) if tokenizer.bos_id is not None else None
         self._eot_id = _main_eos_id(tokenizer)
@@ -87,50 +92,90 @@ class NativeLM(TemplateLM):
 
     # ---- scoring ------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        """(sum of continuation log-probs, continuation is the greedy choice) per request."""
-        # a request scores the last len(continuation) logits of input = (context + continuation)[:-1]
-        users: dict[tuple[int, ...], list[int]] = defaultdict(list)  # input -> requests that score it
-        for index, (_, context, continuation) in enumerate(requests):
+        """(sum of continuation log-probs, continuation is the greedy choice) per request.
+
+        Requests are grouped by context: each group (a multiple-choice document) is one unit,
+        answered by one forward pass over its context and all its continuations packed after it
+        (`_score_unit`), or restored from the request cache.
+        """
+        units: dict[tuple[int, ...], set[tuple[int, ...]]] = defaultdict(set)
+        placed = []  # per request: (its unit's context, its continuation)
+        for _, context, continuation in requests:
             if not context or not continuation:
                 raise ValueError("lm-eval sent an empty context or continuation")
             if len(continuation) > self.max_length:
                 raise ValueError(f"a continuation of {len(continuation)} tokens exceeds max_length {self.max_length}")
-            users[tuple((context + continuation)[-(self.max_length + 1) :][:-1])].append(index)
+            # the model sees (context + continuation)[:-1], cut to max_length from the left
+            kept = (context + continuation)[-(self.max_length + 1) :]
+            unit_context = tuple(kept[: -len(continuation)])
+            units[unit_context].add(tuple(continuation))
+            placed.append((unit_context, tuple(continuation)))
 
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
-        unique = sorted(users, key=lambda t: (-len(t), t))
-        for start in range(0, len(unique), self.batch_size):
-            batch = unique[start : start + self.batch_size]
-            counts = [max(len(requests[i][2]) for i in users[tokens]) for tokens in batch]
-            for tokens, log_probs in zip(batch, self._score_batch(batch, counts)):
-                for index in users[tokens]:
-                    request_strings, _, continuation = requests[index]
-                    scores = log_probs[-len(continuation) :]  # [len(continuation), vocab]
-                    target = torch.tensor(continuation, dtype=torch.long)
-                    answer = (float(scores.gather(1, target.unsqueeze(1)).sum()), bool((scores.argmax(-1) == target).all()))
-                    results[index] = answer
-                    if request_strings is not None:  # rolling windows are cached per document instead
-                        self.cache_hook.add_partial("loglikelihood", request_strings, answer)
-            self.report_progress(min(start + self.batch_size, len(unique)), len(unique), "loglikelihood")
+        answers: dict[tuple, tuple[float, bool]] = {}
+        order = sorted(units, key=lambda c: (-len(c), c))  # any order gives the same answers
+        restored = 0
+        for done, context in enumerate(order, 1):
+            continuations = sorted(units[context])
+            key = self.cache.key("loglikelihood", [list(context), [list(c) for c in continuations]])
+            scores = self.cache.get(key)
+            if scores is None or len(scores) != len(continuations):
+                scores = self._score_unit(context, continuations)
+                self.cache.put(key, scores)
+            else:
+                restored += 1
+            for continuation, (log_prob, greedy) in zip(continuations, scores):
+                answers[context, continuation] = (float(log_prob), bool(greedy))
+            if done % 16 == 0 or done == len(order):
+                self.report_progress(done, len(order), f"loglikelihood, {restored} restored")
+        results = [answers[p] for p in placed]
+        for (request_strings, _, _), answer in zip(requests, results):
+            if request_strings is not None:  # rolling windows are cached per document instead
+                self.cache_hook.add_partial("loglikelihood", request_strings, answer)
         return results
 
     @torch.inference_mode()
-    def _score_batch(self, batch: list[tuple[int, ...]], counts: list[int]) -> list[torch.Tensor]:
-        """fp32 log-probs [count, vocab] at the last `count` positions of each (right-padded) input."""
-        width = max(len(t) for t in batch)
-        scored = max(counts)
-        padded = torch.zeros(len(batch), width, dtype=torch.long)
-        positions = torch.zeros(len(batch), scored, dtype=torch.long)
-        for row, tokens in enumerate(batch):
-            padded[row, : len(tokens)] = torch.tensor(tokens)
-            positions[row] = (torch.arange(scored) + len(tokens) - scored).clamp_min(0)
-        with _final_positions(self.model, positions.to(self._device)):
-            logits = self.model(padded.to(self._device))
-        log_probs = F.log_softmax(logits.float(), dim=-1).cpu()
+    def _score_unit(self, context: tuple[int, ...], continuations: list[tuple[int, ...]]) -> list[list]:
+        """[log-prob, greedy] of each continuation after context, in one forward pass of batch 1.
+
+        The context runs once; each continuation's tokens but its last follow it as a segment
+        that sees the context and itself (RoPE positions as if it came right after the context).
+        A continuation of one token needs no segment: the context's last position scores it.
+        The answer depends only on (context, continuations), never on the batch or on the other
+        documents: what lets the request cache serve it, and makes scores batch-size invariant.
+        """
+        tokens, positions, segments = list(context), list(range(len(context))), [0] * len(context)
+        starts = []  # where each continuation's segment begins
+        for number, continuation in enumerate(continuations, 1):
+            starts.append(len(tokens))
+            tokens += continuation[:-1]
+            positions += range(len(context), len(context) + len(continuation) - 1)
+            segments += [number] * (len(continuation) - 1)
+        length = len(tokens)
+        rows = torch.arange(len(context) - 1, length)  # every position that predicts a continuation token
+        token_tensor = torch.tensor([tokens], device=self._device)
+        if length == len(context) or len(continuations) == 1:  # a plain causal sequence
+            logits = self.model(token_tensor, rows=rows.to(self._device))
+        else:
+            segment = torch.tensor(segments)
+            position = torch.tensor(positions)
+            mask = torch.ones(length, length, dtype=torch.bool).tril()
+            mask &= (segment.unsqueeze(0) == 0) | (segment.unsqueeze(0) == segment.unsqueeze(1))
+            if self.model.args.sliding_window is not None:
+                mask &= position.unsqueeze(0) > position.unsqueeze(1) - self.model.args.sliding_window
+            logits = self.model(token_tensor, positions=position.to(self._device),
+                                attention_mask=mask.to(self._device), rows=rows.to(self._device))
         if not torch.isfinite(logits).all():  # lm-eval would turn NaN scores into a plausible accuracy
             raise ValueError("the model computed NaN or infinite logits: its weights are corrupt or do not fit "
                              "the kernels they were loaded for")
-        return [log_probs[row, scored - count :] for row, count in enumerate(counts)]
+        log_probs = F.log_softmax(logits[0].float(), dim=-1).cpu()
+        first = len(context) - 1
+        scores = []
+        for start, continuation in zip(starts, continuations):
+            picked = [0] + list(range(start - first, start - first + len(continuation) - 1))
+            chosen = log_probs[picked]  # [len(continuation), vocab]
+            target = torch.tensor(continuation, dtype=torch.long)
+            scores.append([float(chosen.gather(1, target.unsqueeze(1)).sum()), bool((chosen.argmax(-1) == target).all())])
+        return scores
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Perplexity-style scoring: whole documents in max_length windows, one context token each."""
@@ -157,14 +202,21 @@ class NativeLM(TemplateLM):
 
     # ---- generation ---------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Batched generation per distinct gen_kwargs, longest prompts first, cut at stop strings."""
+        """Batched generation per task and gen_kwargs, cut at stop strings.
+
+        Batches follow document order (not prompt length): raising `limit` adds batches after
+        the existing ones instead of reshuffling them, so the request cache still serves those.
+        A batch's texts can depend on its other rows (the kernels' reduction order changes with
+        the batch), so a batch is one cache unit, keyed by all its prompts in order.
+        """
         from tunemake.models.generation import generate
 
-        groups: dict[str, list[int]] = defaultdict(list)
+        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
         for index, request in enumerate(requests):
-            groups[json.dumps(request.args[1], sort_keys=True, default=str)].append(index)
+            settings = json.dumps(request.args[1], sort_keys=True, default=str)
+            groups[str(getattr(request, "task_name", "")), settings].append(index)
         outputs: list[str | None] = [None] * len(requests)
-        done = 0
+        done = restored = 0
         for indices in groups.values():
             gen_kwargs = normalize_gen_kwargs(requests[indices[0]].args[1], self.max_gen_toks)
             until = handle_stop_sequences(gen_kwargs.pop("until", None), eos=None)
@@ -174,27 +226,35 @@ class NativeLM(TemplateLM):
             sampling = _sampling_options(gen_kwargs)
             stop_ids = self.native_tokenizer.eos_ids | self._tokens_containing(until)
             prompts = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_new) :] for i in indices}
-            order = sorted(indices, key=lambda i: (-len(prompts[i]), i))
+            order = sorted(indices, key=lambda i: (_document_order(requests[i]), i))
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
-                completions = generate(
-                    self.model,
-                    [prompts[i] for i in chunk],
-                    max_new,
-                    stop_ids=stop_ids,
-                    seed=self.seed,
-                    **sampling,
-                )
-                for i, completion in zip(chunk, completions):
-                    tokens = completion.tokens
-                    if completion.stop_token is not None and completion.stop_token not in self.native_tokenizer.eos_ids:
-                        tokens = tokens + [completion.stop_token]  # its text may begin before the stop string
-                    text = postprocess_generated_text(self.tok_decode(tokens), stop=until, think_end_token=None)
+                key = self.cache.key("generate", {
+                    "prompts": [prompts[i] for i in chunk], "max_new_tokens": max_new, "stop_ids": sorted(stop_ids),
+                    "until": until, "sampling": sampling, "seed": self.seed,
+                })
+                texts = self.cache.get(key)
+                if texts is None or len(texts) != len(chunk):
+                    texts = self._generate_chunk(generate, [prompts[i] for i in chunk], max_new, stop_ids, until, sampling)
+                    self.cache.put(key, texts)
+                else:
+                    restored += len(chunk)
+                for i, text in zip(chunk, texts):
                     outputs[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 done += len(chunk)
-                self.report_progress(done, len(requests), "generate_until")
+                self.report_progress(done, len(requests), f"generate_until, {restored} restored")
         return outputs
+
+    def _generate_chunk(self, generate, prompts, max_new, stop_ids, until, sampling) -> list[str]:
+        completions = generate(self.model, prompts, max_new, stop_ids=stop_ids, seed=self.seed, **sampling)
+        texts = []
+        for completion in completions:
+            tokens = completion.tokens
+            if completion.stop_token is not None and completion.stop_token not in self.native_tokenizer.eos_ids:
+                tokens = tokens + [completion.stop_token]  # its text may begin before the stop string
+            texts.append(postprocess_generated_text(self.tok_decode(tokens), stop=until, think_end_token=None))
+        return texts
 
     def _tokens_containing(self, stops: list[str]) -> set[int]:
         """Tokens whose own text contains a stop string: generating one means the text has it, so stop early.
@@ -220,6 +280,12 @@ def _main_eos_id(tokenizer) -> int:
     return min(tokenizer.eos_ids)
 
 
+def _document_order(request) -> tuple:
+    """(doc_id, idx) of an lm-eval Instance: integers sort numerically, anything else as text."""
+    doc_id, idx = getattr(request, "doc_id", None), getattr(request, "idx", 0)
+    return (0, doc_id, idx) if isinstance(doc_id, int) else (1, str(doc_id), idx)
+
+
 def _sampling_options(gen_kwargs: dict) -> dict:
     """lm-eval's generation kwargs -> tunemake generate() keywords; unknown keys are an error."""
     options = {"temperature": 0.0}
@@ -234,23 +300,3 @@ def _sampling_options(gen_kwargs: dict) -> dict:
     if gen_kwargs:
         raise ValueError(f"unsupported generation_kwargs for the native model: {sorted(gen_kwargs)}")
     return options
-
-
-@contextmanager
-def _final_positions(model, positions: torch.Tensor):
-    """Makes the model's final norm (and so the output projection) see only `positions` [B, K].
-
-    The norm and the projection act on each position alone, so computing them for the
-    scored positions gives the same values as slicing the full logits afterwards.
-    """
-
-    def select(module, args):
-        hidden = args[0]
-        index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        return (hidden.gather(1, index),)
-
-    handle = model.model.norm.register_forward_pre_hook(select)
-    try:
-        yield
-    finally:
-        handle.remove()

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunemake import request_cache
 from tunemake.errors import UserError
 from tunemake.fsutil import FileLock, locked, rmtree
 from tunemake.store import Store
@@ -63,8 +64,9 @@ def _exclusive(store: Store) -> FileLock:
 
 
 def gc(store: Store, live_keys: set[str], max_size: int | None) -> dict:
-    """Drop unreferenced blobs; with max_size, evict least-recently-used actions until the store fits,
-    those not needed by the current tunefile first."""
+    """Drop unreferenced blobs; with max_size, evict until the store (blobs and request-level answers)
+    fits: least-recently-used actions the current tunefile does not need first, then request-level
+    answers (the least recently used), then the tunefile's own actions."""
     lock = _exclusive(store)
     try:
         actions = list_actions(store)
@@ -74,18 +76,32 @@ def gc(store: Store, live_keys: set[str], max_size: int | None) -> dict:
             for d in action.blobs():
                 refs[d] = refs.get(d, 0) + 1
         total = sum(size for d, size in sizes.items() if d in refs)
-        evicted = []
+        answers_folder = store.root / "requests"
+        answers = request_cache.stats(answers_folder)[1]
+        evicted, answers_evicted = [], 0
+
+        def drop(action: Action) -> int:
+            """Evicts one action; returns the bytes of the blobs no other action needs."""
+            store.drop_action(action.key)
+            evicted.append(action)
+            freed = 0
+            for d in action.blobs():
+                refs[d] -= 1
+                freed += sizes.get(d, 0) if refs[d] == 0 else 0
+            return freed
+
         if max_size is not None:
-            order = [a for a in actions if a.key not in live_keys] + [a for a in actions if a.key in live_keys]
-            for action in order:
-                if total <= max_size:
+            for action in [a for a in actions if a.key not in live_keys]:
+                if total + answers <= max_size:
                     break
-                store.drop_action(action.key)
-                evicted.append(action)
-                for d in action.blobs():
-                    refs[d] -= 1
-                    if refs[d] == 0:
-                        total -= sizes.get(d, 0)
+                total -= drop(action)
+            if total + answers > max_size:
+                answers_evicted = request_cache.shrink(answers_folder, max_size - total)
+                answers = request_cache.stats(answers_folder)[1]
+            for action in [a for a in actions if a.key in live_keys]:
+                if total + answers <= max_size:
+                    break
+                total -= drop(action)
         removed_bytes = removed = 0
         for digest, path in list(store.blobs()):
             if refs.get(digest, 0) == 0:
@@ -97,7 +113,7 @@ def gc(store: Store, live_keys: set[str], max_size: int | None) -> dict:
             for entry in tmp.iterdir():
                 rmtree(entry)  # safe: no build runs while we hold the gc lock
         return {"evicted": [(a.entry.get("target"), a.key) for a in evicted], "blobs_removed": removed,
-                "bytes_removed": removed_bytes, "bytes_kept": total}
+                "bytes_removed": removed_bytes, "bytes_kept": total + answers, "answers_evicted": answers_evicted}
     finally:
         lock.release()
 
@@ -126,6 +142,8 @@ def verify(store: Store, outputs: dict[str, Path]) -> dict:
                     rmtree(folder)
                     store.state_path(name).unlink(missing_ok=True)
                     removed.append(name)
-        return {"checked": checked, "corrupt": corrupt, "dropped_actions": dropped, "removed_targets": removed}
+        answers = request_cache.verify(store.root / "requests")
+        return {"checked": checked, "corrupt": corrupt, "dropped_actions": dropped, "removed_targets": removed,
+                "answers": answers}
     finally:
         lock.release()

@@ -192,7 +192,8 @@ class LocalExecutor:
             self.input_views = InputViews(self.store, self._views_folder)
         dep_dirs, placed = self.input_views.link(spec.deps)
         params = resolve_params(spec, self.project_dir, dep_dirs)
-        step = start(spec.target, spec.module, params, self.project_dir, dep_dirs, tmp, gpus)
+        step = start(spec.target, spec.module, params, self.project_dir, dep_dirs, tmp, gpus,
+                     request_cache=self.store.root / "requests")
         step.views = {name: (dep_dirs[name], placed[name], spec.deps[name]) for name in placed}
         return step
 
@@ -213,7 +214,7 @@ def _parse_progress(line: str) -> dict:
 
 
 def start(target: str, module: str, params: dict, project_dir: Path, deps: dict[str, Path],
-          tmp: Path, gpus: list[str]) -> RunningStep:
+          tmp: Path, gpus: list[str], request_cache: Path | None = None) -> RunningStep:
     out = tmp / "out"
     out.mkdir()
     progress_file = tmp / "progress"
@@ -255,6 +256,7 @@ def start(target: str, module: str, params: dict, project_dir: Path, deps: dict[
             "error_file": str(tmp / ERROR_FILE),
             "parent_pid": os.getpid(),
             "gpus": gpus,
+            "request_cache": str(request_cache) if request_cache else None,
         }
         spec_path = tmp / "spec.json"
         spec_path.write_text(json.dumps(spec))

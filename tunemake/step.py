@@ -31,6 +31,8 @@ class StepContext:
     deps: dict[str, Path] = field(default_factory=dict)  # dependency target -> its output folder
     progress_file: Path | None = None
     cuda_devices: str | None = None  # what CUDA_VISIBLE_DEVICES was set to, if the step holds GPUs
+    # the local cache's .tunecache/requests (tunemake.request_cache); None where there is none (a Ray worker)
+    request_cache: Path | None = None
 
     def progress(self, done: int | None = None, total: int | None = None, message: str = "") -> None:
         """Report progress to the parent's live view, e.g. progress(12, 30, "layer")."""
@@ -76,6 +78,7 @@ def main(argv: list[str]) -> int:
         deps={k: Path(v) for k, v in spec["deps"].items()},
         progress_file=Path(spec["progress_file"]) if spec.get("progress_file") else None,
         cuda_devices=os.environ.get("CUDA_VISIBLE_DEVICES") if spec.get("gpus") else None,
+        request_cache=Path(spec["request_cache"]) if spec.get("request_cache") else None,
     )
     started = time.time()
     print(f"[tunemake] {spec['target']}: {spec['module']} started", flush=True)

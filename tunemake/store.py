@@ -8,6 +8,7 @@ Layout under the cache dir (a remote store uses the same `cas/` and `ac/`):
     logs/NAME.log       the last log of each target
     failed/NAME.json    the key and reason of a target's last failed run, until it succeeds
     tmp/                steps write here; moved into cas/ only after success
+    requests/           the eval's request-level answers (tunemake.request_cache, a diskcache)
     locks/              flock files: one per key being built, one per target being materialized
 """
 
@@ -32,7 +33,7 @@ SMALL_FILE = 1 << 20  # below this, `auto` copies: small outputs are the ones pe
 
 CACHEDIR_TAG = "CACHEDIR.TAG"  # https://bford.info/cachedir/: backup tools skip the folder too
 CACHEDIR_TAG_TEXT = "Signature: 8a477f597d28d172789f06886806bc55\n# A tunemake cache folder: `tunemake cache gc` manages it.\n"
-LAYOUT = ("cas", "ac", "state", "logs", "failed", "tmp", "locks")
+LAYOUT = ("cas", "ac", "state", "logs", "failed", "tmp", "locks", "requests")
 
 
 def looks_like_a_cache(folder: Path) -> bool:

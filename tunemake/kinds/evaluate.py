@@ -30,7 +30,7 @@ from tunemake.kinds.model_inputs import check_device, check_model_folder, depend
 INPUTS = ("model",)
 OPTIONAL_INPUTS = ("tasks",)
 PACKAGES = ("python", "torch", "torchao", "lm_eval")
-CODE = ("tunemake.models", "tunemake.lmeval_adapter", "tunemake.kinds.model_inputs")
+CODE = ("tunemake.models", "tunemake.lmeval_adapter", "tunemake.request_cache", "tunemake.kinds.model_inputs")
 DEVICE_SENSITIVE = True
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -117,12 +117,14 @@ def evaluate(params: Params, ctx, model_folder: Path, task_names, task_manager, 
 
     from tunemake.lmeval_adapter import NativeLM
     from tunemake.models import load_model, load_tokenizer
+    from tunemake.request_cache import RequestCache
 
     device = check_device(params.device, params.dtype)
     dtype = getattr(torch, params.dtype) if params.dtype else None
     model = load_model(model_folder, device=device, dtype=dtype)
     tokenizer = load_tokenizer(model_folder)
     model_name = dependency_name(ctx, model_folder)
+    cache = RequestCache(getattr(ctx, "request_cache", None), answer_scope(model_folder, model, device))
     lm = NativeLM(
         model,
         tokenizer,
@@ -132,6 +134,7 @@ def evaluate(params: Params, ctx, model_folder: Path, task_names, task_manager, 
         seed=params.seed,
         name=model_name,
         progress=ctx.progress,
+        cache=cache,
     )
     loaded = time.time()
     results = simple_evaluate(
@@ -150,6 +153,7 @@ def evaluate(params: Params, ctx, model_folder: Path, task_names, task_manager, 
         fewshot_random_seed=params.seed,
     )
     finished = time.time()
+    cache.close()
 
     out = Path(ctx.out)
     samples = results.pop("samples", None)
@@ -160,15 +164,84 @@ def evaluate(params: Params, ctx, model_folder: Path, task_names, task_manager, 
     if samples:
         (out / "samples").mkdir()
         for task, task_samples in samples.items():
-            lines = [json.dumps(s, default=handle_non_serializable, ensure_ascii=False) for s in task_samples]
+            lines = [json.dumps(compact_sample(s), default=handle_non_serializable, ensure_ascii=False)
+                     for s in sorted(task_samples, key=sample_order)]
             (out / "samples" / f"{task}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     checkpoint = checkpoint_info(model_folder, model_name)
     (out / "checkpoint.json").write_text(json.dumps(checkpoint, indent=2) + "\n")
-    run_info.update(load_seconds=round(loaded - started, 3), evaluate_seconds=round(finished - loaded, 3))
+    run_info.update(load_seconds=round(loaded - started, 3), evaluate_seconds=round(finished - loaded, 3),
+                    request_cache={"restored_units": cache.hits, "computed_units": cache.misses})
     print(json.dumps(run_info, indent=2, default=str), flush=True)
     report = markdown_report(results, checkpoint, params)
     (out / "report.md").write_text(report, encoding="utf-8")
     print(report, flush=True)
+
+
+def answer_scope(model_folder: Path, model, device) -> dict:
+    """Everything besides the request that can change a request's answer (tunemake.request_cache):
+    the checkpoint's files (weights, tokenizer, config) by content, as tunemake digests a source
+    folder, the dtype the model runs in, the device class, the CPU threads, torch and torchao,
+    and the scoring code itself."""
+    import torch
+
+    from tunemake.hashing import StatCache, hash_file
+    from tunemake.keys import device_class, package_version
+
+    code = sorted(Path(__file__).resolve().parents[1].glob("models/*.py"))
+    code += [Path(__file__).resolve().parents[1] / name for name in ("lmeval_adapter.py", "request_cache.py")]
+    return {
+        "checkpoint": StatCache(None).source(model_folder),
+        "dtype": str(next(model.parameters()).dtype),
+        "device": device_class() if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "packages": {name: package_version(name) for name in ("torch", "torchao")},
+        "code": {path.name: hash_file(path) for path in code},
+    }
+
+
+# lm-eval's per-sample fields the compact log keeps as they are
+SAMPLE_FIELDS = ("doc_id", "filter", "metrics", "target", "doc_hash", "prompt_hash", "target_hash")
+
+
+def compact_sample(sample: dict) -> dict:
+    """One line of samples/TASK.jsonl: lm-eval's own fields and metric values, without the document
+    itself (`doc_hash` names it) and with the prompt written once: `prompt` is the first request's
+    context, `continuations` what each loglikelihood request scored after it (multiple choice),
+    `gen_args` a generation's settings. `filtered_resps` are the answers as the metrics saw them;
+    `resps`, the raw answers, only where a filter changed them (a regex pulling out a number)."""
+    compact = {field: sample[field] for field in SAMPLE_FIELDS if field in sample}
+    compact.update({metric: sample[metric] for metric in sample.get("metrics", []) if metric in sample})
+    arguments = [list(a.values()) if isinstance(a, dict) else list(a) for a in _argument_list(sample.get("arguments"))]
+    if arguments:
+        compact["prompt"] = arguments[0][0]
+        if all(len(a) > 1 and isinstance(a[1], str) for a in arguments):
+            compact["continuations"] = [a[1] for a in arguments]
+        elif len(arguments[0]) > 1:
+            compact["gen_args"] = arguments[0][1]
+    compact["filtered_resps"] = sample.get("filtered_resps")
+    raw = sample.get("resps")
+    if isinstance(raw, list):
+        unwrapped = [r[0] if isinstance(r, (list, tuple)) and len(r) == 1 else r for r in raw]
+        if as_json(unwrapped) != as_json(sample.get("filtered_resps")):
+            compact["resps"] = raw
+    return compact
+
+
+def as_json(value) -> str:
+    from lm_eval.utils import handle_non_serializable
+
+    return json.dumps(value, default=handle_non_serializable)
+
+
+def _argument_list(arguments) -> list:
+    if isinstance(arguments, dict):  # lm-eval's logger: {"gen_args_0": {"arg_0": ..., "arg_1": ...}, ...}
+        return list(arguments.values())
+    return list(arguments) if isinstance(arguments, (list, tuple)) else []
+
+
+def sample_order(sample: dict) -> tuple:
+    doc_id = sample.get("doc_id")
+    return (0, doc_id, str(sample.get("filter"))) if isinstance(doc_id, int) else (1, str(doc_id), str(sample.get("filter")))
 
 
 def checkpoint_info(folder: Path, model_name: str) -> dict:

@@ -244,8 +244,8 @@ def read_samples(folder: Path) -> dict[str, dict]:
 
 
 def _arguments(sample: dict) -> list[list]:
-    """A sample's request arguments as [context, continuation-or-kwargs] pairs: the eval kind writes
-    lists, lm-eval's own logger {"gen_args_0": {"arg_0": ..., "arg_1": ...}, ...}."""
+    """A sample's request arguments as [context, continuation-or-kwargs] pairs, from lm-eval's own
+    logs: lists, or {"gen_args_0": {"arg_0": ..., "arg_1": ...}, ...}."""
     arguments = sample.get("arguments")
     if isinstance(arguments, dict):
         arguments = [[a.get("arg_0"), a.get("arg_1")] if isinstance(a, dict) else a for a in arguments.values()]
@@ -256,9 +256,14 @@ def _shown(sample: dict, lls: list[float] | None, normalized: bool = False) -> d
     """A document as the flipped-questions list shows it: the prompt, the target and the model's
     answer (for multiple choice the continuation it scored highest, per character for acc_norm
     as lm-eval does, else its filtered output)."""
-    pairs = _arguments(sample)
-    prompt = str(pairs[0][0]) if pairs else ""
-    continuations = [str(a[1]) for a in pairs if len(a) > 1 and isinstance(a[1], str)]
+    if "prompt" in sample:  # the eval kind's compact log
+        prompt = str(sample["prompt"])
+        listed = sample.get("continuations")
+        continuations = [str(c) for c in listed] if isinstance(listed, list) else []
+    else:
+        pairs = _arguments(sample)
+        prompt = str(pairs[0][0]) if pairs else ""
+        continuations = [str(a[1]) for a in pairs if len(a) > 1 and isinstance(a[1], str)]
     target = sample.get("target")
     if lls is not None and len(lls) > 1 and len(continuations) == len(lls):
         scores = [ll / max(len(c.removeprefix(" ")), 1) for ll, c in zip(lls, continuations)] if normalized else lls

@@ -417,21 +417,32 @@ class Transformer(nn.Module):
         input_pos: torch.Tensor | None = None,
         left_pad: torch.Tensor | None = None,
         last_logits_only: bool = False,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with last_logits_only).
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_logits_only, [B, len(rows), vocab] with rows).
 
         input_pos: cache slots of the T tokens, consecutive and increasing; None runs without the
         cache (autograd-friendly).
         left_pad: per-row count of padding tokens at the left of the batch; those slots are
         masked out and RoPE positions start at 0 at each row's first real token.
+        positions, attention_mask: for packed sequences without the cache (several continuations
+        after one shared context): each token's RoPE position [T], and the boolean [T, T] mask of
+        which tokens each one attends to (sliding windows already applied).
+        rows: only these positions [K] go through the final norm and the output projection, which
+        act on each position alone: the same values as slicing the full logits, at a fraction of
+        the cost when the vocabulary is large.
         """
         batch, length = tokens.shape
         device = tokens.device
         use_cache = input_pos is not None
         if use_cache and self.cache_len == 0:
             raise RuntimeError("input_pos given but no KV cache: call setup_cache(batch_size, max_seq_len) first")
+        if (positions is None) != (attention_mask is None) or (positions is not None and use_cache):
+            raise ValueError("positions and attention_mask go together, and only without the KV cache")
         slots = input_pos if use_cache else torch.arange(length, device=device)
-        positions = slots.unsqueeze(0)
+        positions = slots.unsqueeze(0) if positions is None else positions.unsqueeze(0)
         if left_pad is not None:
             positions = (positions - left_pad.unsqueeze(1)).clamp_min(0)
         inv_freq = self.inv_freq
@@ -451,11 +462,16 @@ class Transformer(nn.Module):
             key_len = self.cache_len  # static shapes: attend over the whole cache, masked
         else:
             key_len = int(input_pos.max()) + 1
-        mask = self._attention_mask(slots, key_len, left_pad, needs_mask=compiling)
+        if attention_mask is None:
+            mask = self._attention_mask(slots, key_len, left_pad, needs_mask=compiling)
+        else:
+            mask = attention_mask.view(1, 1, length, length)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, input_pos, key_len)
         if last_logits_only:
             x = x[:, -1:]
+        elif rows is not None:
+            x = x[:, rows]
         x = self.model.norm(x)
         if self.lm_head is None:
             return F.linear(x, self.model.embed_tokens.weight)
