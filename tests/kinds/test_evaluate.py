@@ -106,14 +106,15 @@ def test_perplexity_task_scores_every_token_once_across_windows(project):
     samples = [json.loads(line) for line in (out / "samples" / "rolling.jsonl").read_text().splitlines()]
     for sample, document in zip(sorted(samples, key=lambda s: s["doc_id"]), documents):
         expected = sum(log_probs[t].item() for t in tokenizer.encode(document))  # BOS included, as lm-eval does
-        assert sample["resps"][0][0] == pytest.approx(expected, rel=1e-4)
+        assert sample["filtered_resps"][0] == pytest.approx(expected, rel=1e-4)
 
 
 def test_chat_template_wraps_each_question(project):
     out = run_eval(project, "chat", tasks=["tasks/toyfacts.yaml"], apply_chat_template=True, limit=2, log_samples=True)
     sample = json.loads((out / "samples" / "toyfacts.jsonl").read_text().splitlines()[0])
     # lm-eval drops the target delimiter after a chat prompt
-    assert sample["arguments"] == [["<s><|user|> Is fire hot? Answer:</s><|assistant|>", choice] for choice in ("yes", "no")]
+    assert sample["prompt"] == "<s><|user|> Is fire hot? Answer:</s><|assistant|>"
+    assert sample["continuations"] == ["yes", "no"]
 
 
 def test_adapter_agrees_with_lm_eval_hf_model(tmp_path):
@@ -227,3 +228,73 @@ def test_bad_params_fail_early_with_the_field_named(project, tmp_path):
         evaluate.run(evaluate.Params(model="broken", tasks=["tasks/bad.yaml"]), ctx)
     with pytest.raises(ValueError, match="tasks: unknown lm-eval task 'no_such_task_xyz'"):
         evaluate.run(evaluate.Params(model="broken", tasks=["no_such_task_xyz"]), ctx)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"sliding_window": 5, "model_type": "mistral"}, {"qk_norm": True, "model_type": "qwen3"},
+    {"gemma_norms": True, "activation": "gelu_tanh", "model_type": "gemma"},
+], ids=["llama", "mistral_window", "qwen3", "gemma"])
+def test_shared_prefix_scores_equal_full_recomputation(tmp_path, overrides):
+    """One packed forward per context gives each continuation the log-likelihood (and greedy flag)
+    that running context + continuation alone gives, to fp32 rounding; windows shorter than the
+    sequence included."""
+    import torch
+
+    from tunemake.lmeval_adapter import NativeLM
+    from tunemake.models import load_model, load_tokenizer
+
+    folder = make_random_model(tmp_path / "model", **overrides)
+    model = load_model(folder)
+    lm = NativeLM(model, load_tokenizer(folder), max_length=64)
+    torch.manual_seed(1)
+    context = tuple(torch.randint(3, model.args.vocab_size, (11,)).tolist())
+    continuations = sorted({tuple(torch.randint(3, model.args.vocab_size, (n,)).tolist()) for n in (1, 1, 2, 4, 7, 9)})
+    packed = lm._score_unit(context, continuations)
+    worst = 0.0
+    with torch.no_grad():
+        for continuation, (log_prob, greedy) in zip(continuations, packed):
+            tokens = torch.tensor([list(context + continuation)[:-1]])
+            log_probs = torch.log_softmax(model(tokens)[0, -len(continuation):].float(), dim=-1)
+            target = torch.tensor(continuation)
+            expected = log_probs.gather(1, target.unsqueeze(1)).sum().item()
+            worst = max(worst, abs(log_prob - expected))
+            assert greedy == bool((log_probs.argmax(-1) == target).all())
+    assert worst <= 1e-4
+    # the packed unit really packs: a sequence longer than the window when windows are set
+    assert len(context) + sum(len(c) - 1 for c in continuations) > overrides.get("sliding_window", 0)
+
+
+def test_metrics_and_samples_are_identical_across_batch_sizes(tmp_path):
+    """Loglikelihood units never share a forward pass, so batch_size cannot change them; generation
+    batches can differ in the last bits of a logit (the kernels' reduction order follows the batch),
+    which this tiny model's greedy texts do not feel: the bound is checked on the logits below."""
+    import torch
+
+    from tunemake.models import load_model
+    from tunemake.models.generation import generate
+
+    root = tmp_path / "project"
+    make_random_model(root / "model")
+    write_toyfacts_task(root / "tasks")
+    write_toygen_task(root / "tasks")
+    outputs = {}
+    for batch_size in (1, 8, 32):
+        out = run_eval(root, f"b{batch_size}", tasks=["tasks"], batch_size=batch_size)
+        results = json.loads((out / "results.json").read_text())
+        outputs[batch_size] = (results["results"], [(out / "samples" / f"{t}.jsonl").read_bytes() for t in ("toyfacts", "toygen")])
+    assert outputs[1] == outputs[8] == outputs[32]
+
+    model = load_model(root / "model")
+    prompts = [[0] + list(range(5, 5 + n)) for n in (3, 9, 4, 12, 7, 5, 10, 6)]
+    with torch.no_grad():
+        alone = [model(torch.tensor([p]))[0, -1] for p in prompts]
+        batch = []
+        model.setup_cache(len(prompts), 16)
+        width = max(map(len, prompts))
+        padded = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        left_pad = torch.tensor([width - len(p) for p in prompts])
+        batch = model(padded, input_pos=torch.arange(width), left_pad=left_pad)[:, -1]
+        model.clear_cache()
+    assert max((a - b).abs().max().item() for a, b in zip(alone, batch)) <= 1e-5
+    texts = {n: [c.tokens for c in generate(model, prompts[:n], 6)] for n in (1, 8)}
+    assert texts[1] == texts[8][:1]
