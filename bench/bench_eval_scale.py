@@ -41,7 +41,7 @@ from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 folder, tasks, task, shots, limit, batch = sys.argv[1:7]
-lm = HFLM(pretrained=folder, dtype="float32", batch_size=int(batch))
+lm = HFLM(pretrained=folder, dtype="float32", batch_size=int(batch), device="cpu")
 results = simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_path=tasks, include_defaults=False),
                           num_fewshot=int(shots), limit=int(limit), batch_size=int(batch), log_samples=False,
                           random_seed={seed}, numpy_random_seed={seed}, torch_random_seed={seed}, fewshot_random_seed={seed})

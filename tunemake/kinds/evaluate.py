@@ -180,8 +180,8 @@ def evaluate(params: Params, ctx, model_folder: Path, task_names, task_manager, 
 def answer_scope(model_folder: Path, model, device) -> dict:
     """Everything besides the request that can change a request's answer (tunemake.request_cache):
     the checkpoint's files (weights, tokenizer, config) by content, as tunemake digests a source
-    folder, the dtype the model runs in, the device class, the CPU threads, torch and torchao,
-    and the scoring code itself."""
+    folder, the dtype the model runs in, the device class, the CPU threads, the packages that
+    compute or decode answers, and the scoring code itself."""
     import torch
 
     from tunemake.hashing import StatCache, hash_file
@@ -194,7 +194,8 @@ def answer_scope(model_folder: Path, model, device) -> dict:
         "dtype": str(next(model.parameters()).dtype),
         "device": device_class() if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "packages": {name: package_version(name) for name in ("torch", "torchao")},
+        # lm-eval cuts generations at stop strings; the tokenizer libraries decode them
+        "packages": {name: package_version(name) for name in ("torch", "torchao", "lm_eval", "tokenizers", "sentencepiece")},
         "code": {path.name: hash_file(path) for path in code},
     }
 

@@ -164,7 +164,7 @@ def run(params: Params, ctx) -> None:
     from safetensors import safe_open
 
     from tunemake.models import Transformer, read_config
-    from tunemake.models.checkpoint import CONFIG_FILE, TOKENIZER_FILES, checked_state_dict
+    from tunemake.models.checkpoint import CONFIG_FILE, TOKENIZER_FILES, checked_state_dict, meta_device
     from tunemake.models.quantized import QUANTIZATION_FILE, quantize_weight, save_quantized_state_dict
 
     started = time.perf_counter()
@@ -179,7 +179,7 @@ def run(params: Params, ctx) -> None:
 
     already_quantized(source, "model", dependency_name(ctx, source))
     args = read_config(source)
-    with torch.device("meta"):
+    with meta_device():
         model = Transformer(args)
     shapes, tensor_files = _safetensors_shapes(source)
     state_names = list(checked_state_dict(model, shapes, tensor_files, source))

@@ -7,6 +7,7 @@ torch.load(weights_only=True).
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -107,6 +108,24 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
+@contextmanager
+def meta_device():
+    """Builds modules on the meta device without their random init: nn.Linear and nn.Embedding
+    initialise in __init__, and the first such call on meta tensors costs ~1.2 s of torch's lazy
+    imports here, for values the checkpoint's tensors replace anyway (transformers skips the
+    init the same way). Not thread-safe: it swaps torch.nn.init's functions while it lasts."""
+    names = ("kaiming_uniform_", "uniform_", "normal_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
 def load_model(folder, device="cpu", dtype: torch.dtype | None = torch.float32) -> Transformer:
     """Builds the model on the meta device and assigns the checkpoint's tensors.
 
@@ -121,7 +140,7 @@ def load_model(folder, device="cpu", dtype: torch.dtype | None = torch.float32) 
 
         return load_quantized_model(folder, device, dtype)
     args = read_config(folder)
-    with torch.device("meta"):
+    with meta_device():
         model = Transformer(args)
     tensors, origin = load_state_dict(folder)
     state = checked_state_dict(model, tensors, origin, folder)

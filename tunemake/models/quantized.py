@@ -505,6 +505,7 @@ def load_quantized_model(folder, device="cpu", dtype=None):
     is reported on stderr and not applied (its scales and packed weights are tied to it).
     """
     from tunemake.models import Transformer, read_config
+    from tunemake.models.checkpoint import meta_device
 
     folder = Path(folder)
     info = read_quantization_info(folder)
@@ -522,7 +523,7 @@ def load_quantized_model(folder, device="cpu", dtype=None):
                              f"tile_packed_to_4d), which runs on CUDA only; quantize with tunemake for a portable int4")
 
     args = read_config(folder)
-    with torch.device("meta"):
+    with meta_device():
         model = Transformer(args)
         if getattr(model, "lm_head", None) is None and "lm_head.weight" in state_dict:
             model.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
