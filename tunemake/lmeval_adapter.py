@@ -159,9 +159,7 @@ class NativeLM(TemplateLM):
             segment = torch.tensor(segments)
             position = torch.tensor(positions)
             mask = torch.ones(length, length, dtype=torch.bool).tril()
-            mask &= (segment.unsqueeze(0) == 0) | (segment.unsqueeze(0) == segment.unsqueeze(1))
-            if self.model.args.sliding_window is not None:
-                mask &= position.unsqueeze(0) > position.unsqueeze(1) - self.model.args.sliding_window
+            mask &= (segment.unsqueeze(0) == 0) | (segment.unsqueeze(0) == segment.unsqueeze(1))  # windows: the model's
             logits = self.model(token_tensor, positions=position.to(self._device),
                                 attention_mask=mask.to(self._device), rows=rows.to(self._device))
         if not torch.isfinite(logits).all():  # lm-eval would turn NaN scores into a plausible accuracy

@@ -47,14 +47,27 @@ ARCHITECTURES = {
     "qwen3_qk_norm": ("qwen3", {"rope_theta": 1000000.0, "head_dim": 24, "tie_word_embeddings": True}),
     # GeGLU (tanh GELU), (1 + weight) norms in fp32, embeddings scaled by sqrt(hidden), head_dim != hidden/heads
     "gemma": ("gemma", {"head_dim": 24}),
+    # + sandwich norms, soft-capped attention scores and logits (caps small enough to bite), a
+    # query scale that is not head_dim, alternating sliding (window 6) and global layers
+    "gemma2": ("gemma2", {"head_dim": 24, "sliding_window": 6, "query_pre_attn_scalar": 20,
+                          "attn_logit_softcapping": 2.0, "final_logit_softcapping": 1.5}),
+    # + q/k norms with the (1 + weight) scale, local layers with their own plain RoPE base, global
+    # layers with linear RoPE scaling, the layer pattern given as layer_types
+    "gemma3": ("gemma3_text", {"head_dim": 24, "sliding_window": 6, "query_pre_attn_scalar": 20,
+                               "num_hidden_layers": 3,
+                               "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                               "rope_parameters": {
+                                   "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
 }
 
 
 def hf_config(model_type: str, **overrides):
-    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config,
+                              Qwen3Config)
 
-    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
-                    "qwen3": Qwen3Config, "gemma": GemmaConfig}[model_type]
+    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+                    "gemma": GemmaConfig, "gemma2": Gemma2Config, "gemma3_text": Gemma3TextConfig}[model_type]
     return config_class(**{**TINY, **overrides})
 
 
@@ -62,7 +75,7 @@ def randomize_(model, seed: int = 0, std: float = 0.15):
     """Every parameter random (norm weights around 1, biases nonzero) so no term can hide."""
     generator = torch.Generator().manual_seed(seed)
     # Gemma stores a norm's scale minus one: its norms are centred on 0 for an effective scale near 1
-    centre = 0.0 if model.config.model_type == "gemma" else 1.0
+    centre = 0.0 if model.config.model_type.startswith("gemma") else 1.0
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator) * std

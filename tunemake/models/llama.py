@@ -1,4 +1,4 @@
-"""Native PyTorch Llama-family decoder (Llama 2/3.x, Mistral, TinyLlama, SmolLM, Qwen2/2.5, Qwen3, Gemma).
+"""Native PyTorch Llama-family decoder (Llama 2/3.x, Mistral, TinyLlama, SmolLM, Qwen2/2.5, Qwen3, Gemma 1/2/3).
 
 Parameter names follow Hugging Face so a checkpoint's safetensors map 1:1 onto
 `Transformer.state_dict()`. Numerics follow transformers' reference (RMSNorm in fp32,
@@ -12,12 +12,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ARCHITECTURE_NAMES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                      "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM"}
+                      "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                      "gemma3_text": "Gemma3ForCausalLM"}
 # transformers' config-class defaults for fields a config.json may leave out
-DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768, "gemma": 8192}
+DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768, "gemma": 8192,
+                         "gemma2": 8192, "gemma3_text": 131072}
+# transformers' Gemma 2/3 config defaults
+GEMMA_DEFAULTS = {
+    "gemma2": {"sliding_window": 4096, "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
+               "final_logit_softcapping": 30.0, "sliding_window_pattern": 2, "rope_local_base_freq": None},
+    "gemma3_text": {"sliding_window": 4096, "query_pre_attn_scalar": 256, "attn_logit_softcapping": None,
+                    "final_logit_softcapping": None, "sliding_window_pattern": 6, "rope_local_base_freq": 10000.0},
+}
+LAYER_TYPES = ("sliding_attention", "full_attention")
 # MLP activations by transformers' names; Gemma's "gelu" is the tanh approximation too (transformers maps it so)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_tanh"}
 
@@ -40,9 +51,16 @@ class ModelArgs:
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
-    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
+    # per layer "sliding_attention" | "full_attention" (Gemma 2/3); None: every layer uses sliding_window if set
+    layer_types: list[str] | None = None
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k, before RoPE
     activation: str = "silu"  # the MLP's gate: "silu" or "gelu_tanh" (Gemma)
     gemma_norms: bool = False  # Gemma: RMSNorm scales by (1 + weight), in fp32; embeddings scaled by sqrt(dim)
+    sandwich_norms: bool = False  # Gemma 2/3: norms after attention and the MLP too, and one before the MLP
+    query_pre_attn_scalar: float | None = None  # attention scale 1/sqrt(this) instead of 1/sqrt(head_dim)
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
+    local_rope_theta: float | None = None  # Gemma 3: sliding layers' RoPE base (plain RoPE); rope_scaling is global only
     max_position_embeddings: int = 2048
     model_type: str = "llama"
     bos_token_id: int | None = None
@@ -62,6 +80,15 @@ class ModelArgs:
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise ValueError(f"layer_types must list {self.n_layers} of {', '.join(LAYER_TYPES)}")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer, None where it attends to every earlier token."""
+        if self.layer_types is not None and self.layer_types[layer] == "full_attention":
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_hf_config(cls, config: dict, source: str = "config.json") -> "ModelArgs":
@@ -86,20 +113,35 @@ class ModelArgs:
         n_heads = required_int("num_attention_heads")
         n_kv_heads = config.get("num_key_value_heads") or n_heads
         # transformers' Qwen3Config defaults head_dim to 128, the others derive it
-        head_dim = config.get("head_dim") or (128 if model_type == "qwen3" else 256 if model_type == "gemma"
+        head_dim = config.get("head_dim") or (128 if model_type == "qwen3" else 256 if model_type in GEMMA_TYPES
                                                else dim // n_heads)
         for key, value in (("num_key_value_heads", n_kv_heads), ("head_dim", head_dim)):
             if not isinstance(value, int) or value <= 0:
                 fail(f"field {key!r} must be a positive integer, got {value!r}")
-        if model_type == "gemma":  # transformers' GemmaConfig: hidden_activation wins over the legacy hidden_act
+        if model_type in GEMMA_TYPES:  # transformers' Gemma configs: hidden_activation wins over the legacy hidden_act
             activation = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
         else:
             activation = config.get("hidden_act", "silu")
-        allowed = ("gelu_pytorch_tanh", "gelu") if model_type == "gemma" else ("silu",)
+        allowed = ("gelu_pytorch_tanh", "gelu") if model_type in GEMMA_TYPES else ("silu",)
         if activation not in allowed:
             fail(f"hidden_act {activation!r} is not supported for {model_type} (only {', '.join(map(repr, allowed))})")
 
-        rope_theta, rope_scaling = _read_rope_settings(config, fail)
+        gemma = dict(GEMMA_DEFAULTS.get(model_type, {}))
+        gemma.update({k: config[k] for k in gemma if k in config})
+        local_rope_theta = None
+        nested = config.get("rope_parameters")
+        if model_type == "gemma3_text" and isinstance(nested, dict) and set(nested) <= set(LAYER_TYPES) and nested:
+            # transformers 5 writes Gemma 3's RoPE per layer type; local layers use plain RoPE
+            local = nested.get("sliding_attention") or {}
+            if not isinstance(local, dict) or (local.get("rope_type") or "default") != "default":
+                fail(f"rope_parameters.sliding_attention must be plain RoPE, got {local!r}")
+            local_rope_theta = local.get("rope_theta", gemma["rope_local_base_freq"])
+            rope_theta, rope_scaling = _read_rope_settings({"rope_parameters": nested.get("full_attention") or {}}, fail)
+        else:
+            rope_theta, rope_scaling = _read_rope_settings(config, fail)
+            local_rope_theta = gemma.get("rope_local_base_freq")
+        if local_rope_theta is not None and (not isinstance(local_rope_theta, (int, float)) or local_rope_theta <= 0):
+            fail(f"the sliding layers' rope_theta must be a positive number, got {local_rope_theta!r}")
         max_positions = config.get("max_position_embeddings", DEFAULT_MAX_POSITIONS[model_type])
         if rope_scaling is not None:
             if not isinstance(rope_scaling.get("factor"), (int, float)):
@@ -112,7 +154,25 @@ class ModelArgs:
 
         if model_type in ("qwen2", "qwen3") and config.get("use_sliding_window"):
             fail(f"{model_type} with use_sliding_window=true is not supported")
-        sliding_window = config.get("sliding_window") if model_type == "mistral" else None
+        sliding_window = config.get("sliding_window") if model_type == "mistral" else gemma.get("sliding_window")
+        layer_types = config.get("layer_types")
+        if model_type in ("gemma2", "gemma3_text"):
+            if config.get("use_bidirectional_attention"):
+                fail("use_bidirectional_attention (an embedding model) is not supported")
+            pattern = gemma["sliding_window_pattern"]
+            if layer_types is None:
+                if not isinstance(pattern, int) or pattern < 1:
+                    fail(f"field 'sliding_window_pattern' must be a positive integer, got {pattern!r}")
+                layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                               for i in range(required_int("num_hidden_layers"))]
+        elif layer_types is not None and set(layer_types) != {"full_attention"}:
+            fail(f"layer_types with sliding layers is not supported for {model_type}")
+        else:
+            layer_types = None
+        for key in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+            value = gemma.get(key)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+                fail(f"field {key!r} must be a positive number, got {value!r}")
         if model_type == "qwen2":  # q/k/v always biased, o_proj and the MLP never
             qkv_bias, o_bias, mlp_bias = True, False, False
         else:
@@ -124,7 +184,8 @@ class ModelArgs:
             "hidden_act", "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings", "vocab_size",
             "num_hidden_layers", "intermediate_size", "rms_norm_eps", "tie_word_embeddings", "attention_bias",
             "mlp_bias", "sliding_window", "use_sliding_window", "bos_token_id", "eos_token_id", "pad_token_id",
-            "torch_dtype", "dtype", "partial_rotary_factor", "hidden_activation",
+            "torch_dtype", "dtype", "partial_rotary_factor", "hidden_activation", "layer_types",
+            "use_bidirectional_attention", *GEMMA_DEFAULTS["gemma3_text"],
         }
         try:
             return cls(
@@ -138,15 +199,21 @@ class ModelArgs:
                 norm_eps=float(config.get("rms_norm_eps", 1e-6)),
                 rope_theta=rope_theta,
                 rope_scaling=rope_scaling,
-                # GemmaConfig ties by default, the others do not
-                tie_word_embeddings=bool(config.get("tie_word_embeddings", model_type == "gemma")),
+                # the Gemma configs tie by default, the others do not
+                tie_word_embeddings=bool(config.get("tie_word_embeddings", model_type in GEMMA_TYPES)),
                 qkv_bias=qkv_bias,
                 o_bias=o_bias,
                 mlp_bias=mlp_bias,
                 sliding_window=sliding_window,
-                qk_norm=model_type == "qwen3",
+                layer_types=layer_types,
+                qk_norm=model_type in ("qwen3", "gemma3_text"),
                 activation=ACTIVATIONS[activation],
-                gemma_norms=model_type == "gemma",
+                gemma_norms=model_type in GEMMA_TYPES,
+                sandwich_norms=model_type in ("gemma2", "gemma3_text"),
+                query_pre_attn_scalar=gemma.get("query_pre_attn_scalar"),
+                attn_logit_softcapping=gemma.get("attn_logit_softcapping"),
+                final_logit_softcapping=gemma.get("final_logit_softcapping"),
+                local_rope_theta=float(local_rope_theta) if local_rope_theta is not None else None,
                 max_position_embeddings=max_positions,
                 model_type=model_type,
                 bos_token_id=config.get("bos_token_id"),
@@ -183,8 +250,15 @@ class ModelArgs:
         )
         if self.model_type in ("qwen2", "qwen3"):
             config.update(use_sliding_window=False, sliding_window=None)
-        if self.model_type == "gemma":
+        if self.model_type in GEMMA_TYPES:
             config["hidden_activation"] = "gelu_pytorch_tanh"
+        if self.model_type in ("gemma2", "gemma3_text"):
+            config.update(sliding_window=self.sliding_window, layer_types=list(self.layer_types),
+                          query_pre_attn_scalar=self.query_pre_attn_scalar,
+                          attn_logit_softcapping=self.attn_logit_softcapping,
+                          final_logit_softcapping=self.final_logit_softcapping)
+        if self.model_type == "gemma3_text":
+            config["rope_local_base_freq"] = self.local_rope_theta
         if self.model_type != "qwen2":
             config.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
             if self.qkv_bias != self.o_bias:
@@ -216,16 +290,17 @@ def _read_rope_settings(config: dict, fail) -> tuple[float, dict | None]:
     return float(rope_theta), {"rope_type": rope_type, **parameters}
 
 
-def rope_inverse_frequencies(args: ModelArgs, seq_len: int) -> torch.Tensor:
+def rope_inverse_frequencies(args: ModelArgs, seq_len: int, local: bool = False) -> torch.Tensor:
     """Per-pair rotation speeds (fp32, cpu) as transformers computes them for this rope type.
 
     seq_len only matters for "dynamic" (NTK) scaling, which stretches the base once the
-    sequence outgrows max_position_embeddings.
+    sequence outgrows max_position_embeddings. local: Gemma 3's sliding layers, plain RoPE
+    with their own base.
     """
     dim = args.head_dim
-    scaling = args.rope_scaling or {"rope_type": "default"}
+    scaling = {"rope_type": "default"} if local else args.rope_scaling or {"rope_type": "default"}
     rope_type = scaling["rope_type"]
-    base = args.rope_theta
+    base = args.local_rope_theta if local else args.rope_theta
     if rope_type == "dynamic" and seq_len > args.max_position_embeddings:
         factor = scaling["factor"]
         stretch = factor * seq_len / args.max_position_embeddings - (factor - 1)
@@ -251,6 +326,20 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < old_context_len / high_freq_factor) * ~(wavelen > old_context_len / low_freq_factor)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's cos and sin [B|1, 1, T, head_dim] for positions [B|1, T], angles in fp32."""
+    angles = positions.unsqueeze(-1).float() * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype).unsqueeze(1), angles.sin().to(dtype).unsqueeze(1)
+
+
+def _packed_mask(allowed: torch.Tensor, positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """A packed sequence's [T, T] mask, with a sliding window applied by RoPE position."""
+    if window is None:
+        return allowed
+    return allowed & (positions.unsqueeze(0) > positions.unsqueeze(1) - window)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -304,6 +393,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.gemma_norms)
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.gemma_norms)
         self.qk_norm = args.qk_norm
+        self.scale = args.query_pre_attn_scalar**-0.5 if args.query_pre_attn_scalar else None  # None: 1/sqrt(head_dim)
+        self.softcap = args.attn_logit_softcapping
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, input_pos, key_len):
@@ -321,10 +412,25 @@ class Attention(nn.Module):
             # only the slots written so far: attention cost grows with keys, not with the cache size
             k, v = k[:, :, :key_len], v[:, :, :key_len]
         # without a mask: causal for a block starting at slot 0, or one query that sees every key
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and length > 1, enable_gqa=self.n_heads != self.n_kv_heads
-        )
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and length > 1,
+                                                 scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
+        else:
+            out = softcapped_attention(q, k, v, mask, self.scale or self.head_dim**-0.5, self.softcap)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+def softcapped_attention(q, k, v, mask, scale: float, cap: float) -> torch.Tensor:
+    """Gemma 2's attention: scores squashed to (-cap, cap) by cap * tanh(scores / cap) before the
+    mask and an fp32 softmax, as transformers' eager path does (SDPA has no softcap)."""
+    repeats = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+    scores = torch.tanh(q @ k.transpose(2, 3) * scale / cap) * cap
+    if mask is None and q.shape[2] > 1:  # a block from slot 0: plain causal
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -347,11 +453,20 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(args)
         self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps, args.gemma_norms)
+        # Llama: the norm before the MLP; Gemma 2/3: the norm of the attention's output
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps, args.gemma_norms)
+        self.sandwich = args.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(args.dim, args.norm_eps, args.gemma_norms)
+            self.post_feedforward_layernorm = RMSNorm(args.dim, args.norm_eps, args.gemma_norms)
 
     def forward(self, x, cos, sin, mask, input_pos, key_len):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, key_len)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, key_len)
+        if not self.sandwich:
+            h = x + attended
+            return h + self.mlp(self.post_attention_layernorm(h))
+        h = x + self.post_attention_layernorm(attended)
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
 class DecoderStack(nn.Module):
@@ -374,6 +489,8 @@ class Transformer(nn.Module):
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         # explicit cpu so the buffer is real even when the model is built under torch.device("meta")
         self.register_buffer("inv_freq", rope_inverse_frequencies(args, 0), persistent=False)
+        if args.local_rope_theta is not None:
+            self.register_buffer("inv_freq_local", rope_inverse_frequencies(args, 0, local=True), persistent=False)
         self.cache_len = 0
         if self.model.norm.weight.device.type != "meta":
             self.init_weights()
@@ -405,6 +522,8 @@ class Transformer(nn.Module):
             )
         self.cache_len = max_seq_len
         self.inv_freq = rope_inverse_frequencies(self.args, max_seq_len).to(device)
+        if self.args.local_rope_theta is not None:
+            self.inv_freq_local = self.inv_freq_local.to(device)
 
     def clear_cache(self):
         for layer in self.model.layers:
@@ -429,7 +548,7 @@ class Transformer(nn.Module):
         masked out and RoPE positions start at 0 at each row's first real token.
         positions, attention_mask: for packed sequences without the cache (several continuations
         after one shared context): each token's RoPE position [T], and the boolean [T, T] mask of
-        which tokens each one attends to (sliding windows already applied).
+        which tokens each one attends to (each layer's sliding window is applied here, by position).
         rows: only these positions [K] go through the final norm and the output projection, which
         act on each position alone: the same values as slicing the full logits, at a fraction of
         the cost when the vocabulary is large.
@@ -448,13 +567,12 @@ class Transformer(nn.Module):
         inv_freq = self.inv_freq
         if not use_cache and self.args.rope_scaling and self.args.rope_scaling["rope_type"] == "dynamic":
             inv_freq = rope_inverse_frequencies(self.args, int(positions.max()) + 1)
-        angles = positions.unsqueeze(-1).float() * inv_freq.to(device)
-        angles = torch.cat((angles, angles), dim=-1)
         x = self.model.embed_tokens(tokens)
         if self.args.gemma_norms:  # sqrt(dim), rounded to the activation dtype first as transformers does
             x = x * torch.tensor(self.args.dim**0.5, dtype=x.dtype)
-        cos = angles.cos().to(x.dtype).unsqueeze(1)
-        sin = angles.sin().to(x.dtype).unsqueeze(1)
+        rotations = {False: _cos_sin(positions, inv_freq.to(device), x.dtype)}
+        if self.args.local_rope_theta is not None:
+            rotations[True] = _cos_sin(positions, self.inv_freq_local.to(device), x.dtype)
         compiling = torch.compiler.is_compiling()
         if not use_cache:
             key_len = length
@@ -462,24 +580,28 @@ class Transformer(nn.Module):
             key_len = self.cache_len  # static shapes: attend over the whole cache, masked
         else:
             key_len = int(input_pos.max()) + 1
-        if attention_mask is None:
-            mask = self._attention_mask(slots, key_len, left_pad, needs_mask=compiling)
-        else:
-            mask = attention_mask.view(1, 1, length, length)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, input_pos, key_len)
+        masks = {}  # per sliding window (None: full attention), made once for the layers that share it
+        for index, layer in enumerate(self.model.layers):
+            window = self.args.layer_window(index)
+            if window not in masks:
+                if attention_mask is None:
+                    masks[window] = self._attention_mask(slots, key_len, left_pad, compiling, window)
+                else:
+                    masks[window] = _packed_mask(attention_mask, positions[0], window).view(1, 1, length, length)
+            local = self.args.local_rope_theta is not None and self.args.layer_types[index] == "sliding_attention"
+            cos, sin = rotations[local]
+            x = layer(x, cos, sin, masks[window], input_pos, key_len)
         if last_logits_only:
             x = x[:, -1:]
         elif rows is not None:
             x = x[:, rows]
         x = self.model.norm(x)
-        if self.lm_head is None:
-            return F.linear(x, self.model.embed_tokens.weight)
-        return self.lm_head(x)
+        logits = F.linear(x, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
+        cap = self.args.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
-    def _attention_mask(self, slots, key_len, left_pad, needs_mask):
+    def _attention_mask(self, slots, key_len, left_pad, needs_mask, window):
         """Boolean [B|1, 1, T, key_len] mask, or None when SDPA needs none (see Attention.forward)."""
-        window = self.args.sliding_window
         if (
             not needs_mask
             and (window is None or key_len <= window)
