@@ -25,7 +25,8 @@ def _models_conftest():
     return module
 
 
-make_hf_model = _models_conftest().make_hf_model
+_conftest = _models_conftest()
+make_hf_model, ARCHITECTURES = _conftest.make_hf_model, _conftest.ARCHITECTURES
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 # the schemes transformers + torchao can run on CPU: every one is checked on every family
@@ -38,6 +39,8 @@ FAMILIES = {  # name -> (model_type, overrides): untied and tied heads, biases, 
     "qwen2_bias": ("qwen2", {"use_sliding_window": False}),
     "qwen3_qk_norm": ("qwen3", {"head_dim": 24, "tie_word_embeddings": True}),
     "gemma": ("gemma", {"head_dim": 24}),  # tied, GeGLU, (1 + weight) norms, scaled embeddings
+    "gemma2": ARCHITECTURES["gemma2"],  # + sandwich norms, soft caps, alternating sliding layers
+    "gemma3": ARCHITECTURES["gemma3"],  # + q/k norms, local and global RoPE
 }
 TOKENS = torch.tensor([[1, 17, 33, 90, 5, 64, 7, 120, 3, 44]])
 
