@@ -230,10 +230,18 @@ def test_bad_params_fail_early_with_the_field_named(project, tmp_path):
         evaluate.run(evaluate.Params(model="broken", tasks=["no_such_task_xyz"]), ctx)
 
 
+GEMMA = {"gemma_norms": True, "activation": "gelu_tanh", "sandwich_norms": True, "query_pre_attn_scalar": 20,
+         "sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"]}
+GEMMA2 = {**GEMMA, "model_type": "gemma2", "attn_logit_softcapping": 2.0, "final_logit_softcapping": 1.5}
+GEMMA3 = {**GEMMA, "model_type": "gemma3_text", "qk_norm": True, "local_rope_theta": 10000.0, "rope_theta": 1e6,
+          "rope_scaling": {"rope_type": "linear", "factor": 4.0}}
+
+
 @pytest.mark.parametrize("overrides", [
     {}, {"sliding_window": 5, "model_type": "mistral"}, {"qk_norm": True, "model_type": "qwen3"},
     {"gemma_norms": True, "activation": "gelu_tanh", "model_type": "gemma"},
-], ids=["llama", "mistral_window", "qwen3", "gemma"])
+    GEMMA2, GEMMA3,
+], ids=["llama", "mistral_window", "qwen3", "gemma", "gemma2", "gemma3"])
 def test_shared_prefix_scores_equal_full_recomputation(tmp_path, overrides):
     """One packed forward per context gives each continuation the log-likelihood (and greedy flag)
     that running context + continuation alone gives, to fp32 rounding; windows shorter than the
@@ -298,3 +306,20 @@ def test_metrics_and_samples_are_identical_across_batch_sizes(tmp_path):
     assert max((a - b).abs().max().item() for a, b in zip(alone, batch)) <= 1e-5
     texts = {n: [c.tokens for c in generate(model, prompts[:n], 6)] for n in (1, 8)}
     assert texts[1] == texts[8][:1]
+
+
+@pytest.mark.parametrize("overrides", [GEMMA2, GEMMA3], ids=["gemma2", "gemma3"])
+def test_gemma_2_and_3_evaluate_and_generate_through_the_kind(tmp_path, overrides):
+    """Multiple choice (packed, per-layer windows) and generate_until on the newer families, with
+    results that do not depend on the batch size."""
+    root = tmp_path / "project"
+    make_random_model(root / "model", **overrides)
+    write_toyfacts_task(root / "tasks")
+    write_toygen_task(root / "tasks")
+    first = run_eval(root, "b1", tasks=["tasks"], batch_size=1)
+    again = run_eval(root, "b8", tasks=["tasks"], batch_size=8)
+    results = json.loads((first / "results.json").read_text())["results"]
+    assert 0 <= results["toyfacts"]["acc,none"] <= 1 and "exact_match,first_word" in results["toygen"]
+    assert results == json.loads((again / "results.json").read_text())["results"]
+    generations = [json.loads(line) for line in (first / "samples" / "toygen.jsonl").read_text().splitlines()]
+    assert len(generations) == 8 and all(isinstance(g["filtered_resps"][0], str) for g in generations)

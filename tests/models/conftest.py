@@ -45,6 +45,8 @@ ARCHITECTURES = {
     "qwen2_bias": ("qwen2", {"rope_theta": 1000000.0, "use_sliding_window": False}),
     "qwen2_tied": ("qwen2", {"tie_word_embeddings": True, "use_sliding_window": False}),
     "qwen3_qk_norm": ("qwen3", {"rope_theta": 1000000.0, "head_dim": 24, "tie_word_embeddings": True}),
+    # use_sliding_window: layers from max_window_layers on attend to the last 6 tokens only
+    "qwen2_window": ("qwen2", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}),
     # GeGLU (tanh GELU), (1 + weight) norms in fp32, embeddings scaled by sqrt(hidden), head_dim != hidden/heads
     "gemma": ("gemma", {"head_dim": 24}),
     # + sandwich norms, soft-capped attention scores and logits (caps small enough to bite), a

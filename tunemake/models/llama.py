@@ -152,11 +152,23 @@ class ModelArgs:
                     if not isinstance(rope_scaling.get(key), (int, float)):
                         fail(f"rope 'llama3' needs a numeric {key!r}")
 
-        if model_type in ("qwen2", "qwen3") and config.get("use_sliding_window"):
-            fail(f"{model_type} with use_sliding_window=true is not supported")
         sliding_window = config.get("sliding_window") if model_type == "mistral" else gemma.get("sliding_window")
         layer_types = config.get("layer_types")
-        if model_type in ("gemma2", "gemma3_text"):
+        if model_type in ("qwen2", "qwen3"):
+            sliding_window = layer_types = None
+            if config.get("use_sliding_window"):  # as transformers: windowed from layer max_window_layers on
+                sliding_window = config.get("sliding_window", 4096)
+                first = config.get("max_window_layers", 28)
+                if not isinstance(first, int) or first < 0:
+                    fail(f"field 'max_window_layers' must be a non-negative integer, got {first!r}")
+                layer_types = config.get("layer_types") or [
+                    "sliding_attention" if i >= first else "full_attention"
+                    for i in range(required_int("num_hidden_layers"))]
+                if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+                    fail(f"field 'sliding_window' must be a positive integer, got {sliding_window!r}")
+        elif model_type == "mistral":
+            layer_types = None  # every layer uses the window
+        elif model_type in ("gemma2", "gemma3_text"):
             if config.get("use_bidirectional_attention"):
                 fail("use_bidirectional_attention (an embedding model) is not supported")
             pattern = gemma["sliding_window_pattern"]
@@ -185,7 +197,7 @@ class ModelArgs:
             "num_hidden_layers", "intermediate_size", "rms_norm_eps", "tie_word_embeddings", "attention_bias",
             "mlp_bias", "sliding_window", "use_sliding_window", "bos_token_id", "eos_token_id", "pad_token_id",
             "torch_dtype", "dtype", "partial_rotary_factor", "hidden_activation", "layer_types",
-            "use_bidirectional_attention", *GEMMA_DEFAULTS["gemma3_text"],
+            "use_bidirectional_attention", "max_window_layers", *GEMMA_DEFAULTS["gemma3_text"],
         }
         try:
             return cls(
@@ -250,6 +262,11 @@ class ModelArgs:
         )
         if self.model_type in ("qwen2", "qwen3"):
             config.update(use_sliding_window=False, sliding_window=None)
+            if self.sliding_window is not None and self.layer_types is not None:
+                sliding = [i for i, kind in enumerate(self.layer_types) if kind == "sliding_attention"]
+                config.update(use_sliding_window=True, sliding_window=self.sliding_window,
+                              layer_types=list(self.layer_types),
+                              max_window_layers=sliding[0] if sliding else self.n_layers)
         if self.model_type in GEMMA_TYPES:
             config["hidden_activation"] = "gelu_pytorch_tanh"
         if self.model_type in ("gemma2", "gemma3_text"):
