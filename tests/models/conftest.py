@@ -22,6 +22,8 @@ TINY = dict(
     pad_token_id=0,
 )
 
+SHORT_FACTORS = [1.0, 1.1, 1.3, 1.7, 2.2, 3.0]  # LongRoPE's per-pair stretches, for 12 rotary dims
+LONG_FACTORS = [1.5, 2.0, 3.5, 5.0, 8.0, 12.0]
 # name -> (model_type, config overrides); each exercises one feature of the family
 ARCHITECTURES = {
     "llama": ("llama", {}),
@@ -55,6 +57,12 @@ ARCHITECTURES = {
                           "attn_logit_softcapping": 2.0, "final_logit_softcapping": 1.5}),
     # + q/k norms with the (1 + weight) scale, local layers with their own plain RoPE base, global
     # layers with linear RoPE scaling, the layer pattern given as layer_types
+    # fused qkv_proj and gate_up_proj, a window on every layer (Phi-3-mini-4k has 2047)
+    "phi3": ("phi3", {"sliding_window": 6}),
+    # Phi-4-mini: partial rotary (12 of 16 dims) and LongRoPE past an original context of 16
+    "phi4_mini_longrope": ("phi3", {"partial_rotary_factor": 0.75, "original_max_position_embeddings": 16,
+                                    "rope_scaling": {"rope_type": "longrope", "short_factor": SHORT_FACTORS,
+                                                     "long_factor": LONG_FACTORS}}),
     "gemma3": ("gemma3_text", {"head_dim": 24, "sliding_window": 6, "query_pre_attn_scalar": 20,
                                "num_hidden_layers": 3,
                                "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
@@ -65,11 +73,12 @@ ARCHITECTURES = {
 
 
 def hf_config(model_type: str, **overrides):
-    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config,
-                              Qwen3Config)
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Phi3Config,
+                              Qwen2Config, Qwen3Config)
 
     config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
-                    "gemma": GemmaConfig, "gemma2": Gemma2Config, "gemma3_text": Gemma3TextConfig}[model_type]
+                    "gemma": GemmaConfig, "gemma2": Gemma2Config, "gemma3_text": Gemma3TextConfig,
+                    "phi3": Phi3Config}[model_type]
     return config_class(**{**TINY, **overrides})
 
 

@@ -126,7 +126,7 @@ def test_truncated_safetensors_names_the_file(tmp_path):
         load_model(tmp_path)
 
 
-@pytest.mark.parametrize("variant", ["llama3_rope", "llama_tied_wide_heads", "mistral_window", "qwen2_tied", "qwen3_qk_norm", "qwen2_window", "gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("variant", ["llama3_rope", "llama_tied_wide_heads", "mistral_window", "qwen2_tied", "qwen3_qk_norm", "qwen2_window", "gemma", "gemma2", "gemma3", "phi3", "phi4_mini_longrope"])
 @torch.no_grad()
 def test_saved_checkpoint_loads_in_transformers(tmp_path, variant):
     from transformers import AutoModelForCausalLM

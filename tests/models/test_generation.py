@@ -17,7 +17,7 @@ def hf_greedy(hf_model, prompt, max_new_tokens):
     return output[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("variant", ["llama", "llama3_rope", "mistral_window", "qwen2_tied", "llama_tied_wide_heads", "qwen3_qk_norm", "qwen2_window", "gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("variant", ["llama", "llama3_rope", "mistral_window", "qwen2_tied", "llama_tied_wide_heads", "qwen3_qk_norm", "qwen2_window", "gemma", "gemma2", "gemma3", "phi3", "phi4_mini_longrope"])
 def test_greedy_matches_transformers_generate(tmp_path, variant):
     model_type, overrides = ARCHITECTURES[variant]
     hf_model = make_hf_model(tmp_path, model_type, **overrides)

@@ -157,3 +157,32 @@ def test_training_from_scratch_reduces_loss():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5
+
+
+@torch.no_grad()
+def test_longrope_past_the_original_context(tmp_path):
+    """LongRoPE switches to the long factors once a call reaches past the original context (16 here),
+    as transformers does: a 24-token forward, and a KV-cache decode that crosses position 16."""
+    from tests.models.conftest import ARCHITECTURES
+
+    model_type, overrides = ARCHITECTURES["phi4_mini_longrope"]
+    hf_model = make_hf_model(tmp_path, model_type, **overrides)
+    model = load_model(tmp_path)
+    tokens = random_tokens(1, 24)
+    assert_close(model(tokens), hf_model(tokens).logits)
+    short = hf_model(tokens[:, :16]).logits  # within the original context: the short factors
+    assert_close(model(tokens[:, :16]), short)
+    assert (model(tokens)[:, :16] - short).abs().max() > 1e-3  # the long factors do change the first 16
+
+    expected, cache = [], None
+    model.setup_cache(batch_size=1, max_seq_len=24)
+    ours = [model(tokens[:, :10], input_pos=torch.arange(10))]
+    out = hf_model(tokens[:, :10], use_cache=True)
+    expected.append(out.logits)
+    cache = out.past_key_values
+    for position in range(10, 24):
+        ours.append(model(tokens[:, position : position + 1], input_pos=torch.tensor([position])))
+        out = hf_model(tokens[:, position : position + 1], past_key_values=cache, use_cache=True)
+        expected.append(out.logits)
+        cache = out.past_key_values
+    assert_close(torch.cat(ours, dim=1), torch.cat(expected, dim=1))

@@ -40,6 +40,12 @@ def _decode_function(compile: bool):
     return _compiled_decode_step
 
 
+def _longrope_restart(model: Transformer) -> int | None:
+    """The cache slot at which a LongRoPE model's generation recomputes its cache, else None."""
+    scaling = model.args.rope_scaling or {}
+    return scaling["original_max_position_embeddings"] if scaling.get("rope_type") == "longrope" else None
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -94,11 +100,19 @@ def generate(
         generated = [next_tokens]
         finished = torch.isin(next_tokens, stop)
         decode_started = time.perf_counter()
+        restart = _longrope_restart(model)
         for position in range(width, width + max_new_tokens - 1):
             if bool(finished.all()):
                 break
-            input_pos = torch.tensor([position], device=device)
-            logits = step(model, next_tokens.unsqueeze(1), input_pos, left_pad)
+            if position == restart:
+                # as transformers' Phi-3 generate: once the sequence passes LongRoPE's original context,
+                # run it all again, so every cached key is turned by the long factors
+                so_far = torch.cat([tokens, torch.stack(generated, dim=1)], dim=1)
+                logits = model(so_far, input_pos=torch.arange(position + 1, device=device), left_pad=left_pad,
+                               last_logits_only=True)[:, -1]
+            else:
+                input_pos = torch.tensor([position], device=device)
+                logits = step(model, next_tokens.unsqueeze(1), input_pos, left_pad)
             next_tokens = sample_next_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             generated.append(next_tokens)
             finished |= torch.isin(next_tokens, stop)

@@ -1,4 +1,5 @@
-"""Native PyTorch Llama-family decoder (Llama 2/3.x, Mistral, TinyLlama, SmolLM, Qwen2/2.5, Qwen3, Gemma 1/2/3).
+"""Native PyTorch Llama-family decoder (Llama 2/3.x, Mistral, TinyLlama, SmolLM, Qwen2/2.5, Qwen3, Gemma 1/2/3,
+Phi-3/3.5/4).
 
 Parameter names follow Hugging Face so a checkpoint's safetensors map 1:1 onto
 `Transformer.state_dict()`. Numerics follow transformers' reference (RMSNorm in fp32,
@@ -12,15 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 ARCHITECTURE_NAMES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                       "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                      "gemma3_text": "Gemma3ForCausalLM"}
+                      "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 # transformers' config-class defaults for fields a config.json may leave out
 DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768, "gemma": 8192,
-                         "gemma2": 8192, "gemma3_text": 131072}
+                         "gemma2": 8192, "gemma3_text": 131072, "phi3": 4096}
 # transformers' Gemma 2/3 config defaults
 GEMMA_DEFAULTS = {
     "gemma2": {"sliding_window": 4096, "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
@@ -44,8 +45,9 @@ class ModelArgs:
     hidden_dim: int
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    # None for plain RoPE, else {"rope_type": "linear"|"dynamic"|"llama3", "factor": ..., ...}
+    # None for plain RoPE, else {"rope_type": "linear"|"dynamic"|"llama3"|"longrope", "factor": ..., ...}
     rope_scaling: dict | None = None
+    partial_rotary_factor: float = 1.0  # Phi-4-mini: RoPE turns only the first part of each head
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
@@ -61,6 +63,9 @@ class ModelArgs:
     attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
     final_logit_softcapping: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
     local_rope_theta: float | None = None  # Gemma 3: sliding layers' RoPE base (plain RoPE); rope_scaling is global only
+    # Phi-3: q, k and v in one qkv_proj, gate and up in one gate_up_proj, kept fused as the checkpoint stores them
+    # (names and quantized tensors stay 1:1 with transformers, and one matmul beats three)
+    fused_projections: bool = False
     max_position_embeddings: int = 2048
     model_type: str = "llama"
     bos_token_id: int | None = None
@@ -83,6 +88,10 @@ class ModelArgs:
         if self.layer_types is not None:
             if len(self.layer_types) != self.n_layers or not set(self.layer_types) <= set(LAYER_TYPES):
                 raise ValueError(f"layer_types must list {self.n_layers} of {', '.join(LAYER_TYPES)}")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of one layer, None where it attends to every earlier token."""
@@ -142,6 +151,15 @@ class ModelArgs:
             local_rope_theta = gemma.get("rope_local_base_freq")
         if local_rope_theta is not None and (not isinstance(local_rope_theta, (int, float)) or local_rope_theta <= 0):
             fail(f"the sliding layers' rope_theta must be a positive number, got {local_rope_theta!r}")
+        rope_settings = config.get("rope_scaling") or config.get("rope_parameters") or {}
+        partial = config.get("partial_rotary_factor") or rope_settings.get("partial_rotary_factor") or 1.0
+        if partial != 1.0 and (model_type != "phi3" or not isinstance(partial, (int, float)) or not 0 < partial < 1):
+            fail(f"partial_rotary_factor {partial!r} is not supported for {model_type}")
+        if rope_scaling is not None and rope_scaling["rope_type"] == "longrope":
+            half = int(head_dim * partial) // 2
+            for key in ("short_factor", "long_factor"):
+                if len(rope_scaling[key]) != half:
+                    fail(f"rope 'longrope' {key!r} must have {half} entries (rotary dims / 2), got {len(rope_scaling[key])}")
         max_positions = config.get("max_position_embeddings", DEFAULT_MAX_POSITIONS[model_type])
         if rope_scaling is not None:
             if not isinstance(rope_scaling.get("factor"), (int, float)):
@@ -166,8 +184,9 @@ class ModelArgs:
                     for i in range(required_int("num_hidden_layers"))]
                 if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
                     fail(f"field 'sliding_window' must be a positive integer, got {sliding_window!r}")
-        elif model_type == "mistral":
-            layer_types = None  # every layer uses the window
+        elif model_type in ("mistral", "phi3"):
+            sliding_window = config.get("sliding_window")  # Phi-3-mini-4k: 2047, on every layer
+            layer_types = None
         elif model_type in ("gemma2", "gemma3_text"):
             if config.get("use_bidirectional_attention"):
                 fail("use_bidirectional_attention (an embedding model) is not supported")
@@ -226,6 +245,8 @@ class ModelArgs:
                 attn_logit_softcapping=gemma.get("attn_logit_softcapping"),
                 final_logit_softcapping=gemma.get("final_logit_softcapping"),
                 local_rope_theta=float(local_rope_theta) if local_rope_theta is not None else None,
+                partial_rotary_factor=float(partial),
+                fused_projections=model_type == "phi3",
                 max_position_embeddings=max_positions,
                 model_type=model_type,
                 bos_token_id=config.get("bos_token_id"),
@@ -276,6 +297,10 @@ class ModelArgs:
                           final_logit_softcapping=self.final_logit_softcapping)
         if self.model_type == "gemma3_text":
             config["rope_local_base_freq"] = self.local_rope_theta
+        if self.model_type == "phi3":
+            config.update(partial_rotary_factor=self.partial_rotary_factor, sliding_window=self.sliding_window)
+            if self.rope_scaling and self.rope_scaling["rope_type"] == "longrope":
+                config["original_max_position_embeddings"] = self.rope_scaling["original_max_position_embeddings"]
         if self.model_type != "qwen2":
             config.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
             if self.qkv_bias != self.o_bias:
@@ -295,15 +320,27 @@ def _read_rope_settings(config: dict, fail) -> tuple[float, dict | None]:
     rope_theta = parameters.pop("rope_theta", None) or config.get("rope_theta", 10000.0)
     if not isinstance(rope_theta, (int, float)) or rope_theta <= 0:
         fail(f"field 'rope_theta' must be a positive number, got {rope_theta!r}")
-    if config.get("partial_rotary_factor", parameters.get("partial_rotary_factor", 1.0)) != 1.0:
-        fail("partial_rotary_factor != 1 is not supported")
-    parameters.pop("partial_rotary_factor", None)
+    parameters.pop("partial_rotary_factor", None)  # read by from_hf_config
     rope_type = parameters.pop("rope_type", None) or parameters.pop("type", None) or "default"
     parameters.pop("type", None)
     if rope_type not in SUPPORTED_ROPE_TYPES:
         fail(f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if rope_type == "default":
         return float(rope_theta), None
+    if rope_type == "longrope":
+        original = parameters.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
+        if not isinstance(original, int) or original <= 0:
+            fail("rope 'longrope' needs a positive integer 'original_max_position_embeddings'")
+        parameters["original_max_position_embeddings"] = original
+        for key in ("short_factor", "long_factor"):
+            factors = parameters.get(key)
+            if not isinstance(factors, list) or not all(isinstance(f, (int, float)) and f > 0 for f in factors):
+                fail(f"rope 'longrope' needs {key!r}: a list of positive numbers")
+        # the attention factor, from the configured factor or the context's stretch (as transformers)
+        factor = parameters.get("factor") or config.get("max_position_embeddings", original) / original
+        parameters["factor"] = factor
+        if parameters.get("attention_factor") is None:
+            parameters["attention_factor"] = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
     return float(rope_theta), {"rope_type": rope_type, **parameters}
 
 
@@ -314,7 +351,7 @@ def rope_inverse_frequencies(args: ModelArgs, seq_len: int, local: bool = False)
     sequence outgrows max_position_embeddings. local: Gemma 3's sliding layers, plain RoPE
     with their own base.
     """
-    dim = args.head_dim
+    dim = args.rotary_dim
     scaling = {"rope_type": "default"} if local else args.rope_scaling or {"rope_type": "default"}
     rope_type = scaling["rope_type"]
     base = args.local_rope_theta if local else args.rope_theta
@@ -323,6 +360,10 @@ def rope_inverse_frequencies(args: ModelArgs, seq_len: int, local: bool = False)
         stretch = factor * seq_len / args.max_position_embeddings - (factor - 1)
         base = base * stretch ** (dim / (dim - 2))
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    if rope_type == "longrope":  # per-pair stretches, the long set past the original context
+        long = seq_len > scaling["original_max_position_embeddings"]
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device="cpu")
+        return 1.0 / (factors * base**exponents)
     inv_freq = 1.0 / (base**exponents)
     if rope_type == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -345,11 +386,15 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE's cos and sin [B|1, 1, T, head_dim] for positions [B|1, T], angles in fp32."""
+def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype, scale: float = 1.0):
+    """RoPE's cos and sin [B|1, 1, T, rotary_dim] for positions [B|1, T], angles in fp32; LongRoPE
+    scales both by its attention factor."""
     angles = positions.unsqueeze(-1).float() * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype).unsqueeze(1), angles.sin().to(dtype).unsqueeze(1)
+    cos, sin = angles.cos(), angles.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
 
 
 def _packed_mask(allowed: torch.Tensor, positions: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -357,6 +402,15 @@ def _packed_mask(allowed: torch.Tensor, positions: torch.Tensor, window: int | N
     if window is None:
         return allowed
     return allowed & (positions.unsqueeze(0) > positions.unsqueeze(1) - window)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first cos.shape[-1] dims of each head (all of them unless the rotary is partial)."""
+    turned = cos.shape[-1]
+    if turned == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    head, rest = x[..., :turned], x[..., turned:]
+    return torch.cat((head * cos + rotate_half(head) * sin, rest), dim=-1)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -402,9 +456,14 @@ class Attention(nn.Module):
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads
         self.head_dim = args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.fused = args.fused_projections
+        self.split = [args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.n_kv_heads * args.head_dim]
+        if self.fused:
+            self.qkv_proj = nn.Linear(args.dim, sum(self.split), bias=args.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(args.dim, self.split[0], bias=args.qkv_bias)
+            self.k_proj = nn.Linear(args.dim, self.split[1], bias=args.qkv_bias)
+            self.v_proj = nn.Linear(args.dim, self.split[2], bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
         if args.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.gemma_norms)
@@ -416,14 +475,17 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, input_pos, key_len):
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(batch, length, self.n_heads, self.head_dim)
+        k = k.view(batch, length, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
             # only the slots written so far: attention cost grows with keys, not with the cache size
@@ -453,15 +515,22 @@ def softcapped_attention(q, k, v, mask, scale: float, cap: float) -> torch.Tenso
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
-        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
+        self.fused = args.fused_projections
+        if self.fused:
+            self.gate_up_proj = nn.Linear(args.dim, 2 * args.hidden_dim, bias=args.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
+            self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)
         self.gelu = args.activation == "gelu_tanh"
 
     def forward(self, x):
-        gate = self.gate_proj(x)
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(gate * up)
 
 
 class DecoderLayer(nn.Module):
@@ -508,6 +577,9 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inverse_frequencies(args, 0), persistent=False)
         if args.local_rope_theta is not None:
             self.register_buffer("inv_freq_local", rope_inverse_frequencies(args, 0, local=True), persistent=False)
+        if (args.rope_scaling or {}).get("rope_type") == "longrope":
+            past_original = args.rope_scaling["original_max_position_embeddings"] + 1
+            self.register_buffer("inv_freq_long", rope_inverse_frequencies(args, past_original), persistent=False)
         self.cache_len = 0
         if self.model.norm.weight.device.type != "meta":
             self.init_weights()
@@ -538,9 +610,11 @@ class Transformer(nn.Module):
                 batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, dtype, device
             )
         self.cache_len = max_seq_len
-        self.inv_freq = rope_inverse_frequencies(self.args, max_seq_len).to(device)
-        if self.args.local_rope_theta is not None:
-            self.inv_freq_local = self.inv_freq_local.to(device)
+        dynamic = (self.args.rope_scaling or {}).get("rope_type") == "dynamic"
+        self.inv_freq = rope_inverse_frequencies(self.args, max_seq_len if dynamic else 0).to(device)
+        for name in ("inv_freq_local", "inv_freq_long"):
+            if hasattr(self, name):
+                setattr(self, name, getattr(self, name).to(device))
 
     def clear_cache(self):
         for layer in self.model.layers:
@@ -582,12 +656,17 @@ class Transformer(nn.Module):
         if left_pad is not None:
             positions = (positions - left_pad.unsqueeze(1)).clamp_min(0)
         inv_freq = self.inv_freq
-        if not use_cache and self.args.rope_scaling and self.args.rope_scaling["rope_type"] == "dynamic":
+        rope_type = (self.args.rope_scaling or {}).get("rope_type")
+        if not use_cache and rope_type == "dynamic":
             inv_freq = rope_inverse_frequencies(self.args, int(positions.max()) + 1)
+        if rope_type == "longrope":  # as transformers: the long factors once this call reaches past the original context
+            original = self.args.rope_scaling["original_max_position_embeddings"]
+            inv_freq = torch.where(positions.max() + 1 > original, self.inv_freq_long.to(device), self.inv_freq.to(device))
         x = self.model.embed_tokens(tokens)
         if self.args.gemma_norms:  # sqrt(dim), rounded to the activation dtype first as transformers does
             x = x * torch.tensor(self.args.dim**0.5, dtype=x.dtype)
-        rotations = {False: _cos_sin(positions, inv_freq.to(device), x.dtype)}
+        scale = (self.args.rope_scaling or {}).get("attention_factor", 1.0) if rope_type == "longrope" else 1.0
+        rotations = {False: _cos_sin(positions, inv_freq.to(device), x.dtype, scale)}
         if self.args.local_rope_theta is not None:
             rotations[True] = _cos_sin(positions, self.inv_freq_local.to(device), x.dtype)
         compiling = torch.compiler.is_compiling()
