@@ -159,7 +159,7 @@ def test_request_answers_live_under_cache_gc_and_verify(project):
         (rowid, value), *_ = db.execute("SELECT rowid, value FROM Cache ORDER BY rowid").fetchall()
         db.execute("UPDATE Cache SET value = ? WHERE rowid = ?", (value.replace("-", "-1", 1), rowid))
     verified = project.run("cache", "verify")
-    assert verified.returncode == 1 and "12 request-level eval answers: 1 corrupt" in verified.stdout
+    assert verified.returncode == 1 and "12 request-level eval answers: 1 corrupt (removed)" in verified.stdout
     project.build("--no-cache", env=OFFLINE, timeout=300)
     assert answer_counts(project, "e") == (11, 1)
     assert outputs(project.root / "targets" / "e") == before
@@ -196,3 +196,101 @@ def test_read_only_request_cache_computes_everything(project):
     finally:
         for path in [answers, *answers.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def write_sampled_task(folder: Path, repeats: int) -> None:
+    """Free generation sampled at temperature 1, each document `repeats` times (maj@k-style)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "gen.jsonl").write_text("".join(json.dumps({"q": f"Is {w} hot?", "a": "yes"}) + "\n"
+                                              for w in ("fire", "ice", "sand")))
+    (folder / "sampled.yaml").write_text(
+        "task: sampled\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: gen.jsonl\n"
+        f"test_split: test\noutput_type: generate_until\nrepeats: {repeats}\n"
+        "doc_to_text: \"{{q}} Answer:\"\ndoc_to_target: a\n"
+        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 6\n  do_sample: true\n  temperature: 1.0\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_sampled_repeats_are_independent_samples_and_cached_as_such(project, batch_size):
+    write_sampled_task(project.root / "tasks", repeats=4)
+    project.tunefile(eval_target("e", tasks='["tasks/sampled.yaml"]', batch_size=batch_size))
+    project.build(env=OFFLINE, timeout=300)
+    first = outputs(project.root / "targets" / "e")
+    samples = [json.loads(line) for line in first["samples/sampled.jsonl"].decode().splitlines()]
+    for sample in samples:
+        texts = sample["resps"][0] if "resps" in sample else None
+        assert texts is not None and len(texts) == 4
+        assert len(set(texts)) > 1, texts  # four draws, not one draw four times
+    project.build("--no-cache", env=OFFLINE, timeout=300)
+    assert answer_counts(project, "e")[1] == 0  # every batch restored ...
+    assert outputs(project.root / "targets" / "e") == first  # ... to the same bytes
+
+
+def test_tasks_sharing_contexts_keep_their_own_units(project):
+    """Two tasks asking the same questions with other choices: adding the second restores every
+    answer of the first, and the first's samples are the same bytes with or without it."""
+    rows = [json.loads(line) for line in (project.root / "tasks" / "mc.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["choices"] = [choice + " too" for choice in row["choices"]]
+    (project.root / "tasks" / "mc_other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (project.root / "tasks" / "mc_other.yaml").write_text(
+        (project.root / "tasks" / "mc.yaml").read_text().replace("task: mc", "task: mc_other")
+        .replace("mc.jsonl", "mc_other.jsonl"))
+    project.tunefile(eval_target("e", limit=10))
+    project.build(env=OFFLINE, timeout=300)
+    alone = project.read("targets/e/samples/mc.jsonl")
+    project.tunefile(eval_target("e", limit=10, tasks='["tasks/mc.yaml", "tasks/mc_other.yaml"]'))
+    project.build(env=OFFLINE, timeout=300)
+    assert answer_counts(project, "e") == (10, 10)
+    assert project.read("targets/e/samples/mc.jsonl") == alone
+
+
+def test_rolling_windows_are_units_of_their_own(tmp_path):
+    """Perplexity windows share a one-token context; packing them together would grow one pass
+    with the number of documents. Each window is scored alone, and no pass exceeds max_length."""
+    from tunemake.lmeval_adapter import NativeLM
+    from tunemake.models import load_model, load_tokenizer
+
+    folder = make_random_model(tmp_path / "model")
+    lm = NativeLM(load_model(folder), load_tokenizer(folder), max_length=16)
+    passes = []
+    score = lm._score_unit
+    lm._score_unit = lambda context, continuations: passes.append(
+        len(context) + sum(len(c) - 1 for c in continuations)) or score(context, continuations)
+    windows = [(None, [0], list(range(5 + i, 20 + i))) for i in range(30)]  # one BOS context each
+    lm._loglikelihood_tokens(windows, pack=False)
+    assert len(passes) == 30 and max(passes) <= 16
+    passes.clear()
+    many = [(None, [0, 7, 8], [9 + i, 10, 11, 12]) for i in range(40)]  # 40 choices after one context
+    lm._loglikelihood_tokens(many)
+    assert len(passes) > 1 and max(passes) <= 16  # split, never longer than max_length
+
+
+def test_request_cache_upkeep_never_follows_a_symlink_or_unpickles(project, tmp_path):
+    project.tunefile(eval_target("e", limit=4))
+    project.build(env=OFFLINE, timeout=300)
+    assert project.run("cache", "verify").returncode == 0  # a healthy cache checks clean
+    answers = project.root / ".tunecache" / "requests"
+
+    # a row rewritten as a pickle: refused (a miss, recomputed), never unpickled
+    with sqlite3.connect(answers / "cache.db") as db:
+        db.execute("UPDATE Cache SET mode = 4, value = ? WHERE rowid = (SELECT MIN(rowid) FROM Cache)",
+                   (b"cos\nsystem\n(S'touch PWNED'\ntR.",))
+    project.build("--no-cache", env=OFFLINE, timeout=300)
+    assert answer_counts(project, "e") == (3, 1)
+    assert not (project.root / "PWNED").exists() and not Path("PWNED").exists()
+    assert project.run("cache", "verify").returncode == 0  # the bad row was dropped on the way
+
+    # the answers folder replaced by a symlink to somebody's folder: upkeep drops the link only
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(str(answers), elsewhere)
+    (elsewhere / "notes.txt").write_text("precious")
+    answers.symlink_to(elsewhere)
+    verified = project.run("cache", "verify")
+    assert verified.returncode == 0 and (elsewhere / "notes.txt").read_text() == "precious"
+    assert not os.path.lexists(answers)
+    answers.symlink_to(elsewhere)
+    project.run("cache", "gc", "--max-size", "1", check=True)
+    assert (elsewhere / "notes.txt").read_text() == "precious" and (elsewhere / "cache.db").exists()

@@ -41,7 +41,9 @@ FAMILIES = {  # name -> (model_type, overrides): untied and tied heads, biases, 
     "gemma": ("gemma", {"head_dim": 24}),  # tied, GeGLU, (1 + weight) norms, scaled embeddings
     "gemma2": ARCHITECTURES["gemma2"],  # + sandwich norms, soft caps, alternating sliding layers
     "gemma3": ARCHITECTURES["gemma3"],  # + q/k norms, local and global RoPE
-    "phi4_mini": ARCHITECTURES["phi4_mini_longrope"],  # fused qkv_proj and gate_up_proj, partial rotary
+    # fused qkv_proj and gate_up_proj, partial rotary, LongRoPE; an original context past the greedy check's 22
+    # tokens (the long factors' switch mid-generation is checked against transformers in tests/models)
+    "phi4_mini": ("phi3", {**ARCHITECTURES["phi4_mini_longrope"][1], "original_max_position_embeddings": 32}),
 }
 TOKENS = torch.tensor([[1, 17, 33, 90, 5, 64, 7, 120, 3, 44]])
 

@@ -435,6 +435,8 @@ def cmd_cache_gc(args) -> int:
         print(f"evicted {key[:16]} ({target})")
     if result["answers_evicted"]:
         print(f"evicted {result['answers_evicted']} request-level eval answers (the least recently used)")
+    if result["answers_error"]:
+        print(f"warning: {result['answers_error']}")
     print(f"removed {result['blobs_removed']} blobs ({human(result['bytes_removed'])}); "
           f"cache holds {human(result['bytes_kept'])}")
     return 0
@@ -456,11 +458,14 @@ def cmd_cache_verify(args) -> int:
     answers = result["answers"]
     if answers["removed_database"]:
         print("removed the request-level eval answers: their database was unreadable (evals recompute them)")
+    elif answers["unwritable"]:
+        print(f"could not check the request-level eval answers ({answers['unwritable']}); left as they are")
     elif answers["checked"] or answers["repaired"]:
-        print(f"checked {answers['checked']} request-level eval answers: {answers['corrupt']} corrupt, removed"
+        print(f"checked {answers['checked']} request-level eval answers: {answers['corrupt']} corrupt"
+              + (" (removed)" if answers["corrupt"] else "")
               + (f"; repaired {answers['repaired']} database inconsistencies" if answers["repaired"] else ""))
     bad = result["corrupt"] or answers["corrupt"] or answers["repaired"] or answers["removed_database"]
-    return 1 if bad else 0
+    return 1 if bad or answers["unwritable"] else 0
 
 
 def cmd_cache_push(args) -> int:

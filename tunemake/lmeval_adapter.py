@@ -24,7 +24,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from tunemake.request_cache import RequestCache
+from tunemake.request_cache import RequestCache, digest
 
 Progress = Callable[[int, int, str], None]
 
@@ -60,6 +60,7 @@ class NativeLM(TemplateLM):
         self._bos_text = tokenizer.decode([tokenizer.bos_id]) if tokenizer.bos_id is not None else None
         self._eot_id = _main_eos_id(tokenizer)
         self._stop_token_cache: dict[tuple[str, ...], set[int]] = {}
+        self._request_tasks: list[str] | None = None
 
     # ---- tokenization -------------------------------------------------------------------
     @property
@@ -91,31 +92,46 @@ class NativeLM(TemplateLM):
         return self.native_tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
 
     # ---- scoring ------------------------------------------------------------------------
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        # TemplateLM tokenizes and passes on tokens only: keep each request's task, so that a unit
+        # holds one task's document and a task's answers never depend on the other tasks of the eval
+        self._request_tasks = [str(getattr(request, "task_name", "")) for request in requests]
+        try:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._request_tasks = None
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, pack: bool = True,
+                              **kwargs) -> list[tuple[float, bool]]:
         """(sum of continuation log-probs, continuation is the greedy choice) per request.
 
-        Requests are grouped by context: each group (a multiple-choice document) is one unit,
-        answered by one forward pass over its context and all its continuations packed after it
-        (`_score_unit`), or restored from the request cache.
+        With pack, the requests of one task that share a context (a multiple-choice document) are
+        one unit, answered by one forward pass over the context and its continuations packed after
+        it (`_score_unit`), split so that no pass is longer than max_length; without, every
+        request is a unit of its own (rolling windows, which share only a one-token context).
+        Each unit is restored from the request cache when it is there.
         """
-        units: dict[tuple[int, ...], set[tuple[int, ...]]] = defaultdict(set)
-        placed = []  # per request: (its unit's context, its continuation)
-        for _, context, continuation in requests:
+        tasks = getattr(self, "_request_tasks", None)
+        tasks = tasks if pack and tasks is not None and len(tasks) == len(requests) else [""] * len(requests)
+        units: dict[tuple, set[tuple[int, ...]]] = defaultdict(set)  # (group, context) -> continuations
+        placed = []  # per request: (its unit's group and context, its continuation)
+        for index, (_, context, continuation) in enumerate(requests):
             if not context or not continuation:
                 raise ValueError("lm-eval sent an empty context or continuation")
             if len(continuation) > self.max_length:
                 raise ValueError(f"a continuation of {len(continuation)} tokens exceeds max_length {self.max_length}")
             # the model sees (context + continuation)[:-1], cut to max_length from the left
             kept = (context + continuation)[-(self.max_length + 1) :]
-            unit_context = tuple(kept[: -len(continuation)])
-            units[unit_context].add(tuple(continuation))
-            placed.append((unit_context, tuple(continuation)))
+            unit = (tasks[index] if pack else index, tuple(kept[: -len(continuation)]))
+            units[unit].add(tuple(continuation))
+            placed.append((unit, tuple(continuation)))
 
+        work = [(unit, part) for unit in sorted(units, key=lambda u: (-len(u[1]), u))  # any order: same answers
+                for part in _packed_parts(unit[1], sorted(units[unit]), self.max_length)]
         answers: dict[tuple, tuple[float, bool]] = {}
-        order = sorted(units, key=lambda c: (-len(c), c))  # any order gives the same answers
         restored = 0
-        for done, context in enumerate(order, 1):
-            continuations = sorted(units[context])
+        for done, (unit, continuations) in enumerate(work, 1):
+            context = unit[1]
             key = self.cache.key("loglikelihood", [list(context), [list(c) for c in continuations]])
             scores = self.cache.get(key)
             if scores is None or len(scores) != len(continuations):
@@ -124,9 +140,9 @@ class NativeLM(TemplateLM):
             else:
                 restored += 1
             for continuation, (log_prob, greedy) in zip(continuations, scores):
-                answers[context, continuation] = (float(log_prob), bool(greedy))
-            if done % 16 == 0 or done == len(order):
-                self.report_progress(done, len(order), f"loglikelihood, {restored} restored")
+                answers[unit, continuation] = (float(log_prob), bool(greedy))
+            if done % 16 == 0 or done == len(work):
+                self.report_progress(done, len(work), f"loglikelihood, {restored} restored")
         results = [answers[p] for p in placed]
         for (request_strings, _, _), answer in zip(requests, results):
             if request_strings is not None:  # rolling windows are cached per document instead
@@ -192,7 +208,7 @@ class NativeLM(TemplateLM):
                 windows.append((None, context, continuation))
                 owners.append(index)
         totals = [0.0] * len(requests)
-        for owner, (log_prob, _) in zip(owners, self._loglikelihood_tokens(windows)):
+        for owner, (log_prob, _) in zip(owners, self._loglikelihood_tokens(windows, pack=False)):
             totals[owner] += log_prob
         for request, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
@@ -210,9 +226,13 @@ class NativeLM(TemplateLM):
         from tunemake.models.generation import generate
 
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+        repeat, seen = [], defaultdict(int)  # lm-eval sends a sampled request once per repeat
         for index, request in enumerate(requests):
             settings = json.dumps(request.args[1], sort_keys=True, default=str)
             groups[str(getattr(request, "task_name", "")), settings].append(index)
+            identity = (str(getattr(request, "task_name", "")), _document_order(request), request.args[0], settings)
+            repeat.append(seen[identity])
+            seen[identity] += 1
         outputs: list[str | None] = [None] * len(requests)
         done = restored = 0
         for indices in groups.values():
@@ -224,16 +244,21 @@ class NativeLM(TemplateLM):
             sampling = _sampling_options(gen_kwargs)
             stop_ids = self.native_tokenizer.eos_ids | self._tokens_containing(until)
             prompts = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_new) :] for i in indices}
-            order = sorted(indices, key=lambda i: (_document_order(requests[i]), i))
+            order = sorted(indices, key=lambda i: (_document_order(requests[i]), repeat[i], i))
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
+                seed = self.seed
+                if sampling["temperature"] > 0 and any(repeat[i] for i in chunk):
+                    # each repeat its own sample: a seed of its own where a batch holds later repeats
+                    seed = int(digest([self.seed, [[prompts[i], repeat[i]] for i in chunk]])[:15], 16)
                 key = self.cache.key("generate", {
                     "prompts": [prompts[i] for i in chunk], "max_new_tokens": max_new, "stop_ids": sorted(stop_ids),
-                    "until": until, "sampling": sampling, "seed": self.seed,
+                    "until": until, "sampling": sampling, "seed": seed,
                 })
                 texts = self.cache.get(key)
                 if texts is None or len(texts) != len(chunk):
-                    texts = self._generate_chunk(generate, [prompts[i] for i in chunk], max_new, stop_ids, until, sampling)
+                    texts = self._generate_chunk(generate, [prompts[i] for i in chunk], max_new, stop_ids, until,
+                                                 sampling, seed)
                     self.cache.put(key, texts)
                 else:
                     restored += len(chunk)
@@ -244,8 +269,8 @@ class NativeLM(TemplateLM):
                 self.report_progress(done, len(requests), f"generate_until, {restored} restored")
         return outputs
 
-    def _generate_chunk(self, generate, prompts, max_new, stop_ids, until, sampling) -> list[str]:
-        completions = generate(self.model, prompts, max_new, stop_ids=stop_ids, seed=self.seed, **sampling)
+    def _generate_chunk(self, generate, prompts, max_new, stop_ids, until, sampling, seed) -> list[str]:
+        completions = generate(self.model, prompts, max_new, stop_ids=stop_ids, seed=seed, **sampling)
         texts = []
         for completion in completions:
             tokens = completion.tokens
@@ -276,6 +301,19 @@ def _main_eos_id(tokenizer) -> int:
     if not tokenizer.eos_ids:
         raise ValueError(f"{tokenizer.source}: the tokenizer has no end-of-sequence token")
     return min(tokenizer.eos_ids)
+
+
+def _packed_parts(context: tuple, continuations: list[tuple], max_length: int):
+    """The continuations in runs whose packed pass (context, then each one's tokens but its last)
+    stays within max_length; each continuation alone always fits (the context was cut for it)."""
+    part, length = [], len(context)
+    for continuation in continuations:
+        if part and length + len(continuation) - 1 > max_length:
+            yield part
+            part, length = [], len(context)
+        part.append(continuation)
+        length += len(continuation) - 1
+    yield part
 
 
 def _document_order(request) -> tuple:

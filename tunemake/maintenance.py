@@ -78,7 +78,7 @@ def gc(store: Store, live_keys: set[str], max_size: int | None) -> dict:
         total = sum(size for d, size in sizes.items() if d in refs)
         answers_folder = store.root / "requests"
         answers = request_cache.stats(answers_folder)[1]
-        evicted, answers_evicted = [], 0
+        evicted, answers_evicted, answers_error = [], 0, None
 
         def drop(action: Action) -> int:
             """Evicts one action; returns the bytes of the blobs no other action needs."""
@@ -96,7 +96,10 @@ def gc(store: Store, live_keys: set[str], max_size: int | None) -> dict:
                     break
                 total -= drop(action)
             if total + answers > max_size:
-                answers_evicted = request_cache.shrink(answers_folder, max_size - total)
+                try:
+                    answers_evicted = request_cache.shrink(answers_folder, max_size - total)
+                except OSError as error:  # read-only or locked: the rest of gc still runs
+                    answers_error = str(error)
                 answers = request_cache.stats(answers_folder)[1]
             for action in [a for a in actions if a.key in live_keys]:
                 if total + answers <= max_size:
@@ -113,7 +116,8 @@ def gc(store: Store, live_keys: set[str], max_size: int | None) -> dict:
             for entry in tmp.iterdir():
                 rmtree(entry)  # safe: no build runs while we hold the gc lock
         return {"evicted": [(a.entry.get("target"), a.key) for a in evicted], "blobs_removed": removed,
-                "bytes_removed": removed_bytes, "bytes_kept": total + answers, "answers_evicted": answers_evicted}
+                "bytes_removed": removed_bytes, "bytes_kept": total + answers, "answers_evicted": answers_evicted,
+                "answers_error": answers_error}
     finally:
         lock.release()
 

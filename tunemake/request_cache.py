@@ -15,6 +15,7 @@ Every failure to open or write degrades to computing the answers: this cache onl
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -32,8 +33,35 @@ def open_cache(folder: Path):
     """The diskcache at `folder`, or raises OSError / sqlite3.Error (read-only, corrupt)."""
     import diskcache
 
-    return diskcache.Cache(str(folder), size_limit=NO_LIMIT, eviction_policy="least-recently-used",
+    class TextOnly(diskcache.Disk):
+        """Keys and values are text: a row that says it holds a pickle is refused, never unpickled
+        (a cache folder restored from elsewhere must not run code). Short text is stored inline
+        (MODE_RAW), long text in a file (MODE_TEXT)."""
+
+        def get(self, key, raw):
+            if not raw:
+                raise ValueError("a request-cache key that is not text")
+            return super().get(key, raw)
+
+        def fetch(self, mode, filename, value, read):
+            if mode == diskcache.core.MODE_PICKLE:
+                raise ValueError("a request-cache value that is a pickle")
+            return super().fetch(mode, filename, value, read)
+
+    return diskcache.Cache(str(folder), disk=TextOnly, size_limit=NO_LIMIT, eviction_policy="least-recently-used",
                            cull_limit=0, statistics=False)
+
+
+def real_folder(folder: Path) -> bool:
+    """Whether the answers folder is a folder of ours; a symlink or file in its place is removed
+    (never followed: upkeep would clean the place it points to) and reads as no cache."""
+    if os.path.islink(folder) or (os.path.lexists(folder) and not folder.is_dir()):
+        try:
+            os.unlink(folder)
+        except OSError:
+            pass
+        return False
+    return folder.is_dir()
 
 
 class RequestCache:
@@ -48,6 +76,7 @@ class RequestCache:
         if folder is None:
             return
         try:
+            real_folder(folder)
             self._cache = open_cache(folder)
         except (OSError, sqlite3.Error) as error:
             log(f"[tunemake] request cache {folder} unavailable ({error}); computing every request")
@@ -62,6 +91,8 @@ class RequestCache:
                 value = checked(key, self._cache.get(key))
             except (OSError, sqlite3.Error) as error:
                 self._disable(error)
+            except (ValueError, UnicodeDecodeError):  # a damaged or foreign row: a miss, and gone
+                self._drop(key)
         if value is None:
             self.misses += 1
         else:
@@ -79,6 +110,12 @@ class RequestCache:
     def close(self) -> None:
         if self._cache is not None:
             self._cache.close()
+
+    def _drop(self, key: str) -> None:
+        try:
+            self._cache.delete(key)
+        except (OSError, sqlite3.Error, ValueError):
+            pass
 
     def _disable(self, error) -> None:
         self.log(f"[tunemake] request cache failed ({error}); computing the remaining requests")
@@ -104,7 +141,7 @@ def checked(key: str, stored):
 # ---- upkeep, for tunemake cache ls | gc | verify --------------------------------------------
 def stats(folder: Path) -> tuple[int, int]:
     """(entries, bytes on disk) of the request cache; (0, 0) when there is none."""
-    if not (folder / "cache.db").is_file():
+    if os.path.islink(folder) or not (folder / "cache.db").is_file():
         return 0, 0
     try:
         with open_cache(folder) as cache:
@@ -114,45 +151,61 @@ def stats(folder: Path) -> tuple[int, int]:
 
 
 def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def shrink(folder: Path, max_bytes: int) -> int:
-    """Evicts least-recently-used answers until the cache takes at most max_bytes; returns how many."""
+    """Evicts least-recently-used answers until the cache takes at most max_bytes; returns how many.
+    A database that cannot be read is removed whole (the caller holds the gc lock)."""
     from tunemake.fsutil import rmtree
 
-    if not (folder / "cache.db").is_file():
+    if not real_folder(folder) or not (folder / "cache.db").is_file():
         return 0
-    with open_cache(folder) as cache:
-        before = len(cache)
-        if cache.volume() <= max_bytes:
-            return 0
-        cache.reset("size_limit", max(max_bytes, 0))
-        cache.cull()
-        cache.reset("size_limit", NO_LIMIT)
-        if cache.volume() <= max_bytes:
-            return before - len(cache)
-    rmtree(folder)  # even empty, the database's own pages do not fit (the caller holds the gc lock)
+    try:
+        with open_cache(folder) as cache:
+            before = len(cache)
+            if cache.volume() <= max_bytes:
+                return 0
+            cache.reset("size_limit", max(max_bytes, 0))
+            cache.cull()
+            cache.reset("size_limit", NO_LIMIT)
+            if cache.volume() <= max_bytes:
+                return before - len(cache)
+    except sqlite3.OperationalError as error:  # read-only, locked: leave it
+        raise OSError(f"cannot shrink the request-level answers in {folder}: {error}") from None
+    except (OSError, sqlite3.Error):
+        before = 0
+    rmtree(folder)  # even empty, the database's own pages do not fit; or it is unreadable
     return before
 
 
 def verify(folder: Path) -> dict:
-    """Checks each answer against its seal and the database itself; drops what fails.
-    A database that will not open is removed whole: it only ever saved time."""
+    """Checks each answer against its seal and the database itself; drops what fails. A database
+    that is not one (garbage, truncated) is removed whole: it only ever saved time. One that
+    cannot be written (read-only, locked) is reported and left alone."""
     from tunemake.fsutil import rmtree
 
-    if not folder.exists():
-        return {"checked": 0, "corrupt": 0, "repaired": 0, "removed_database": False}
+    result = {"checked": 0, "corrupt": 0, "repaired": 0, "removed_database": False, "unwritable": None}
+    if not real_folder(folder):
+        return result
     try:
         with open_cache(folder) as cache:
-            checked_count = corrupt = 0
             for key in list(cache.iterkeys()):
-                checked_count += 1
-                if checked(key, cache.get(key)) is None:
+                result["checked"] += 1
+                try:
+                    good = checked(key, cache.get(key)) is not None
+                except (ValueError, UnicodeDecodeError):
+                    good = False
+                if not good:
                     cache.delete(key)
-                    corrupt += 1
-            warnings = cache.check(fix=True)  # value files missing or unaccounted for, sqlite integrity
-            return {"checked": checked_count, "corrupt": corrupt, "repaired": len(warnings), "removed_database": False}
-    except (OSError, sqlite3.Error, UnicodeDecodeError):
+                    result["corrupt"] += 1
+            # value files missing or left over, sqlite integrity; safe: a real folder of ours
+            result["repaired"] = len(cache.check(fix=True))
+    except sqlite3.OperationalError as error:
+        result["unwritable"] = str(error)
+    except (OSError, sqlite3.Error, ValueError, UnicodeDecodeError):
         rmtree(folder)
-        return {"checked": 0, "corrupt": 0, "repaired": 0, "removed_database": True}
+        result["removed_database"] = not os.path.lexists(folder)
+        if not result["removed_database"]:
+            result["unwritable"] = "it could not be removed"
+    return result
