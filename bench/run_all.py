@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-SCRIPTS = ["bench_engine.py", "bench_models.py", "bench_quantize.py", "bench_eval.py", "bench_report.py"]
+SCRIPTS = ["bench_engine.py", "bench_models.py", "bench_gemma3.py", "bench_quantize.py", "bench_eval.py",
+           "bench_eval_scale.py", "bench_report.py"]
 
 
 def main() -> int:
