@@ -127,7 +127,8 @@ class NativeLM(TemplateLM):
             placed.append((unit, tuple(continuation)))
 
         work = [(unit, part) for unit in sorted(units, key=lambda u: (-len(u[1]), u))  # any order: same answers
-                for part in _packed_parts(unit[1], sorted(units[unit]), self.max_length)]
+                for part in _packed_parts(unit[1], sorted(units[unit]), self.max_length,
+                                          self.model.args.rope_length_switch())]
         answers: dict[tuple, tuple[float, bool]] = {}
         restored = 0
         for done, (unit, continuations) in enumerate(work, 1):
@@ -303,17 +304,29 @@ def _main_eos_id(tokenizer) -> int:
     return min(tokenizer.eos_ids)
 
 
-def _packed_parts(context: tuple, continuations: list[tuple], max_length: int):
+def _packed_parts(context: tuple, continuations: list[tuple], max_length: int, switch: int | None = None):
     """The continuations in runs whose packed pass (context, then each one's tokens but its last)
-    stays within max_length; each continuation alone always fits (the context was cut for it)."""
+    stays within max_length; each continuation alone always fits (the context was cut for it).
+
+    switch: the sequence length past which the model's RoPE changes (LongRoPE, dynamic NTK),
+    which it decides from a pass's longest position: a continuation past it is scored alone
+    (dynamic NTK stretches with every length), and the others are never packed with one that is.
+    """
+    def alone(continuation) -> bool:
+        return switch is not None and len(context) + len(continuation) - 1 > switch
+
     part, length = [], len(context)
-    for continuation in continuations:
+    for continuation in [c for c in continuations if not alone(c)]:
         if part and length + len(continuation) - 1 > max_length:
             yield part
             part, length = [], len(context)
         part.append(continuation)
         length += len(continuation) - 1
-    yield part
+    if part:
+        yield part
+    for continuation in continuations:
+        if alone(continuation):
+            yield [continuation]
 
 
 def _document_order(request) -> tuple:

@@ -235,13 +235,18 @@ GEMMA = {"gemma_norms": True, "activation": "gelu_tanh", "sandwich_norms": True,
 GEMMA2 = {**GEMMA, "model_type": "gemma2", "attn_logit_softcapping": 2.0, "final_logit_softcapping": 1.5}
 GEMMA3 = {**GEMMA, "model_type": "gemma3_text", "qk_norm": True, "local_rope_theta": 10000.0, "rope_theta": 1e6,
           "rope_scaling": {"rope_type": "linear", "factor": 4.0}}
+# LongRoPE switching to its long factors past 16 tokens: the context (11) plus the short continuations
+# stays before the switch, the longest ones go past it, so a packed pass must not mix them
+PHI4_MINI = {"model_type": "phi3", "fused_projections": True, "partial_rotary_factor": 0.75, "rope_scaling": {
+    "rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.7, 2.2, 3.0], "long_factor": [1.5, 2, 3.5, 5, 8, 12],
+    "original_max_position_embeddings": 16, "factor": 4.0, "attention_factor": 1.2247}}
 
 
 @pytest.mark.parametrize("overrides", [
     {}, {"sliding_window": 5, "model_type": "mistral"}, {"qk_norm": True, "model_type": "qwen3"},
     {"gemma_norms": True, "activation": "gelu_tanh", "model_type": "gemma"},
-    GEMMA2, GEMMA3,
-], ids=["llama", "mistral_window", "qwen3", "gemma", "gemma2", "gemma3"])
+    GEMMA2, GEMMA3, PHI4_MINI,
+], ids=["llama", "mistral_window", "qwen3", "gemma", "gemma2", "gemma3", "phi4_mini_longrope"])
 def test_shared_prefix_scores_equal_full_recomputation(tmp_path, overrides):
     """One packed forward per context gives each continuation the log-likelihood (and greedy flag)
     that running context + continuation alone gives, to fp32 rounding; windows shorter than the
@@ -257,7 +262,11 @@ def test_shared_prefix_scores_equal_full_recomputation(tmp_path, overrides):
     torch.manual_seed(1)
     context = tuple(torch.randint(3, model.args.vocab_size, (11,)).tolist())
     continuations = sorted({tuple(torch.randint(3, model.args.vocab_size, (n,)).tolist()) for n in (1, 1, 2, 4, 7, 9)})
-    packed = lm._score_unit(context, continuations)
+    passes = []
+    score = lm._score_unit
+    lm._score_unit = lambda ctx, conts: passes.append(len(conts)) or score(ctx, conts)
+    packed = lm._loglikelihood_tokens([(None, list(context), list(c)) for c in continuations])
+    assert max(passes) > 1  # continuations really were packed into one pass
     worst = 0.0
     with torch.no_grad():
         for continuation, (log_prob, greedy) in zip(continuations, packed):

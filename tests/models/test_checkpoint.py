@@ -196,3 +196,30 @@ def test_config_defaults_follow_transformers_per_family():
     qwen3 = ModelArgs.from_hf_config({**base, "model_type": "qwen3"})
     assert qwen3.head_dim == Qwen3Config(**base).head_dim == 128 and qwen3.qk_norm and not qwen3.qkv_bias
     assert ModelArgs.from_hf_config({**base, "model_type": "llama"}).head_dim == 16
+
+
+def test_phi3_and_gemma3_config_spellings_read_as_transformers_reads_them():
+    """Early Phi-3 names for LongRoPE, the top-level original context winning over a nested one,
+    Gemma 3's global RoPE base defaulting to 1e6, and the three-key rope_scaling written back."""
+    from tunemake.models import ModelArgs
+
+    half = [1.0] * 8
+    base = {"model_type": "phi3", "vocab_size": 64, "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "intermediate_size": 96, "max_position_embeddings": 131072}
+    for name in ("su", "yarn", "longrope"):
+        args = ModelArgs.from_hf_config({**base, "original_max_position_embeddings": 4096, "rope_scaling": {
+            "type": name, "short_factor": half, "long_factor": half, "original_max_position_embeddings": 8192}})
+        assert args.rope_scaling["rope_type"] == "longrope"
+        assert args.rope_scaling["original_max_position_embeddings"] == 4096
+        assert args.rope_scaling["factor"] == 32
+        written = args.to_hf_config()
+        assert written["rope_scaling"] == {"type": "longrope", "short_factor": half, "long_factor": half}
+        assert written["original_max_position_embeddings"] == 4096
+    gemma3 = {"model_type": "gemma3_text", "vocab_size": 64, "hidden_size": 64, "num_hidden_layers": 6,
+              "num_attention_heads": 4, "intermediate_size": 96}
+    assert ModelArgs.from_hf_config(gemma3).rope_theta == 1e6
+    nested = {"full_attention": {"rope_type": "default"}, "sliding_attention": {"rope_type": "default"}}
+    assert ModelArgs.from_hf_config({**gemma3, "rope_parameters": nested}).rope_theta == 1e6
+    args = ModelArgs.from_hf_config({**gemma3, "rope_parameters": nested, "rope_theta": 5e5})
+    assert (args.rope_theta, args.local_rope_theta) == (5e5, 10000.0)
+    assert args.layer_types == ["sliding_attention"] * 5 + ["full_attention"]

@@ -93,6 +93,16 @@ class ModelArgs:
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
 
+    def rope_length_switch(self) -> int | None:
+        """The pass length past which RoPE changes for every position (LongRoPE's long factors,
+        dynamic NTK's stretch), else None: a packed pass must not carry a continuation across it."""
+        scaling = self.rope_scaling or {}
+        if scaling.get("rope_type") == "longrope":
+            return scaling["original_max_position_embeddings"]
+        if scaling.get("rope_type") == "dynamic":
+            return self.max_position_embeddings
+        return None
+
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of one layer, None where it attends to every earlier token."""
         if self.layer_types is not None and self.layer_types[layer] == "full_attention":
@@ -145,9 +155,15 @@ class ModelArgs:
             if not isinstance(local, dict) or (local.get("rope_type") or "default") != "default":
                 fail(f"rope_parameters.sliding_attention must be plain RoPE, got {local!r}")
             local_rope_theta = local.get("rope_theta", gemma["rope_local_base_freq"])
-            rope_theta, rope_scaling = _read_rope_settings({"rope_parameters": nested.get("full_attention") or {}}, fail)
+            rope_theta, rope_scaling = _read_rope_settings(
+                {"rope_parameters": nested.get("full_attention") or {},
+                 **({"rope_theta": config["rope_theta"]} if config.get("rope_theta") else {})}, fail,
+                default_theta=1000000.0)
         else:
-            rope_theta, rope_scaling = _read_rope_settings(config, fail)
+            # Gemma 3's global layers default to a base of 1e6 (transformers 5's Gemma3TextConfig)
+            rope_theta, rope_scaling = _read_rope_settings(
+                config, fail, default_theta=1000000.0 if model_type == "gemma3_text" else 10000.0,
+                phi3=model_type == "phi3")
             local_rope_theta = gemma.get("rope_local_base_freq")
         if local_rope_theta is not None and (not isinstance(local_rope_theta, (int, float)) or local_rope_theta <= 0):
             fail(f"the sliding layers' rope_theta must be a positive number, got {local_rope_theta!r}")
@@ -300,6 +316,9 @@ class ModelArgs:
         if self.model_type == "phi3":
             config.update(partial_rotary_factor=self.partial_rotary_factor, sliding_window=self.sliding_window)
             if self.rope_scaling and self.rope_scaling["rope_type"] == "longrope":
+                # exactly the three keys transformers 4's Phi3Config (and Microsoft's remote code) accept
+                config["rope_scaling"] = {"type": "longrope", "short_factor": self.rope_scaling["short_factor"],
+                                          "long_factor": self.rope_scaling["long_factor"]}
                 config["original_max_position_embeddings"] = self.rope_scaling["original_max_position_embeddings"]
         if self.model_type != "qwen2":
             config.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
@@ -312,23 +331,28 @@ class ModelArgs:
         return config
 
 
-def _read_rope_settings(config: dict, fail) -> tuple[float, dict | None]:
+def _read_rope_settings(config: dict, fail, default_theta: float = 10000.0,
+                        phi3: bool = False) -> tuple[float, dict | None]:
     parameters = config.get("rope_scaling") or config.get("rope_parameters") or {}
     if not isinstance(parameters, dict):
         fail(f"rope settings must be an object, got {parameters!r}")
     parameters = dict(parameters)
-    rope_theta = parameters.pop("rope_theta", None) or config.get("rope_theta", 10000.0)
+    rope_theta = parameters.pop("rope_theta", None) or config.get("rope_theta", default_theta)
     if not isinstance(rope_theta, (int, float)) or rope_theta <= 0:
         fail(f"field 'rope_theta' must be a positive number, got {rope_theta!r}")
     parameters.pop("partial_rotary_factor", None)  # read by from_hf_config
     rope_type = parameters.pop("rope_type", None) or parameters.pop("type", None) or "default"
     parameters.pop("type", None)
+    if phi3 and rope_type in ("su", "yarn"):  # Phi-3's early names for LongRoPE (transformers maps them so)
+        rope_type = "longrope"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         fail(f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if rope_type == "default":
         return float(rope_theta), None
     if rope_type == "longrope":
-        original = parameters.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
+        # the top-level field wins, as in transformers; Phi3Config's default is 4096
+        original = (config.get("original_max_position_embeddings") or parameters.get("original_max_position_embeddings")
+                    or (4096 if phi3 else None))
         if not isinstance(original, int) or original <= 0:
             fail("rope 'longrope' needs a positive integer 'original_max_position_embeddings'")
         parameters["original_max_position_embeddings"] = original
