@@ -332,3 +332,26 @@ def test_gemma_2_and_3_evaluate_and_generate_through_the_kind(tmp_path, override
     assert results == json.loads((again / "results.json").read_text())["results"]
     generations = [json.loads(line) for line in (first / "samples" / "toygen.jsonl").read_text().splitlines()]
     assert len(generations) == 8 and all(isinstance(g["filtered_resps"][0], str) for g in generations)
+
+
+def test_only_the_needed_positions_reach_the_output_projection(tmp_path):
+    """A 262k vocabulary (Gemma 3) makes [batch, seq, vocab] fp32 logits gigabytes: scoring sends
+    only the positions that predict continuation tokens through the final norm and projection,
+    and generation's prefill only each row's last one."""
+    import torch
+
+    from tunemake.lmeval_adapter import NativeLM
+    from tunemake.models import load_model, load_tokenizer
+    from tunemake.models.generation import generate
+
+    folder = make_random_model(tmp_path / "model", tie_word_embeddings=True)
+    model = load_model(folder)
+    seen = []
+    model.model.norm.register_forward_hook(lambda module, inputs, output: seen.append(tuple(inputs[0].shape)))
+    lm = NativeLM(model, load_tokenizer(folder), max_length=64)
+    context = tuple(range(5, 45))  # 40 tokens
+    lm._score_unit(context, [(50,), (51, 52, 53)])
+    assert seen == [(1, 1 + 2, model.args.dim)]  # the context's last position and the 2 fed continuation tokens
+    seen.clear()
+    generate(model, [list(range(5, 45)), list(range(7, 30))], max_new_tokens=3)
+    assert seen[0] == (2, 1, model.args.dim) and all(shape[1] == 1 for shape in seen)
