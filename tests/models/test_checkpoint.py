@@ -223,3 +223,10 @@ def test_phi3_and_gemma3_config_spellings_read_as_transformers_reads_them():
     args = ModelArgs.from_hf_config({**gemma3, "rope_parameters": nested, "rope_theta": 5e5})
     assert (args.rope_theta, args.local_rope_theta) == (5e5, 10000.0)
     assert args.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
+
+
+def test_multimodal_gemma3_is_refused_with_what_would_load():
+    from tunemake.models import ModelArgs
+
+    with pytest.raises(ValueError, match=r"model_type 'gemma3' is not supported \(the multimodal Gemma 3.*gemma3_text"):
+        ModelArgs.from_hf_config({"model_type": "gemma3", "text_config": {}})

@@ -30,6 +30,12 @@ GEMMA_DEFAULTS = {
                     "final_logit_softcapping": None, "sliding_window_pattern": 6, "rope_local_base_freq": 10000.0},
 }
 LAYER_TYPES = ("sliding_attention", "full_attention")
+# near misses worth a word: what the checkpoint is, and what of it would load
+NOT_SUPPORTED_HINTS = {
+    "gemma3": " (the multimodal Gemma 3, 4B and larger: only Gemma 3 text checkpoints, gemma3_text, load)",
+    "phi3small": " (Phi-3-small's blocksparse attention)",
+    "phimoe": " (Phi-3.5-MoE's mixture of experts)",
+}
 # MLP activations by transformers' names; Gemma's "gelu" is the tanh approximation too (transformers maps it so)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_tanh"}
 
@@ -120,7 +126,8 @@ class ModelArgs:
             fail("expected a JSON object")
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            fail(f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+            hint = NOT_SUPPORTED_HINTS.get(model_type, "")
+            fail(f"model_type {model_type!r} is not supported{hint}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
         def required_int(key: str) -> int:
             value = config.get(key)
