@@ -225,8 +225,45 @@ def test_phi3_and_gemma3_config_spellings_read_as_transformers_reads_them():
     assert args.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
 
 
-def test_multimodal_gemma3_is_refused_with_what_would_load():
-    from tunemake.models import ModelArgs
+@torch.no_grad()
+def test_multimodal_gemma3_loads_and_quantizes_as_its_text_model(tmp_path):
+    """Gemma 3 4B and larger ship as the multimodal `gemma3` (a text_config that keeps only what
+    differs from Gemma3TextConfig's defaults, the text model under model.language_model., a
+    vision tower beside it): tunemake loads the text model with transformers' text-only logits,
+    and quantizes it into a Gemma3ForCausalLM checkpoint transformers loads."""
+    from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
 
-    with pytest.raises(ValueError, match=r"model_type 'gemma3' is not supported \(the multimodal Gemma 3.*gemma3_text"):
-        ModelArgs.from_hf_config({"model_type": "gemma3", "text_config": {}})
+    from tests.models.conftest import TINY, randomize_
+    from tunemake.kinds import quantize
+    from tunemake.step import StepContext
+
+    text = {key: TINY[key] for key in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                                       "num_key_value_heads", "max_position_embeddings")}
+    text.update(num_hidden_layers=3, head_dim=24, sliding_window=6, query_pre_attn_scalar=20,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    reference = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision.to_dict(),
+                                                            mm_tokens_per_image=4)).eval()
+    randomize_(reference.model.language_model)
+    reference.config.model_type = "gemma3"
+    reference.save_pretrained(tmp_path / "mm")
+    # as the released checkpoints' config.json: text_config without the fields at their defaults
+    saved = json.loads((tmp_path / "mm" / "config.json").read_text())
+    assert saved["model_type"] == "gemma3"
+    for key in ("rms_norm_eps", "rope_parameters", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_activation"):
+        saved["text_config"].pop(key, None)
+    (tmp_path / "mm" / "config.json").write_text(json.dumps(saved))
+
+    model = load_model(tmp_path / "mm")
+    assert model.args.model_type == "gemma3_text" and model.args.layer_types[1] == "full_attention"
+    assert max_difference(model(TOKENS), reference(input_ids=TOKENS).logits) < 1e-5
+
+    out = tmp_path / "int8"
+    out.mkdir()
+    quantize.run(quantize.Params(model=str(tmp_path / "mm"), scheme="int8_weight_only"),
+                 StepContext(target="int8", out=out, project_dir=tmp_path))
+    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(theirs).__name__ == "Gemma3ForCausalLM"
+    assert max_difference(theirs(TOKENS).logits.float(), load_model(out)(TOKENS).float()) < 2e-2

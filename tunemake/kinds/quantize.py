@@ -181,7 +181,7 @@ def run(params: Params, ctx) -> None:
     args = read_config(source)
     with meta_device():
         model = Transformer(args)
-    shapes, tensor_files = _safetensors_shapes(source)
+    shapes, tensor_files, stored_names = _safetensors_shapes(source)
     state_names = list(checked_state_dict(model, shapes, tensor_files, source))
     linear_names = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
@@ -211,7 +211,7 @@ def run(params: Params, ctx) -> None:
         else:
             with safe_open(str(tensor_files[source_name]), framework="pt") as f:
                 # a private copy, so the file's pages are not held for the rest of the run
-                tensor = f.get_tensor(source_name).to(device=device, dtype=dtype, copy=True)
+                tensor = f.get_tensor(stored_names[source_name]).to(device=device, dtype=dtype, copy=True)
             bytes_before += tensor.numel() * tensor.element_size()
         if module_name not in linear_names or leaf != "weight":
             state_dict[name] = tensor
@@ -244,6 +244,8 @@ def run(params: Params, ctx) -> None:
         if (source / file_name).is_file():
             shutil.copyfile(source / file_name, ctx.out / file_name)
     config = json.loads((source / CONFIG_FILE).read_text(encoding="utf-8"))
+    if config.get("model_type") == "gemma3":  # a multimodal Gemma 3: the output is its text model alone
+        config = model.args.to_hf_config()
     if "lm_head" in quantized and getattr(model, "lm_head", None) is None:
         config["tie_word_embeddings"] = False  # the tied output projection is quantized on its own
     for key in ("dtype", "torch_dtype"):  # the dtype the model computes in now (transformers 5 reads "dtype")
@@ -337,24 +339,29 @@ def _resolve_device(name: str):
     return torch.device(name)
 
 
-def _safetensors_shapes(folder: Path) -> tuple[dict, dict[str, Path]]:
-    """Meta tensors with the shape of every tensor in the checkpoint, and the file holding each."""
+def _safetensors_shapes(folder: Path) -> tuple[dict, dict[str, Path], dict[str, str]]:
+    """Meta tensors with the shape of every tensor the text model uses, the file holding each, and
+    its name in that file (a multimodal Gemma 3 stores its text model under a prefix)."""
     import torch
     from safetensors import safe_open
 
-    from tunemake.models.checkpoint import weight_files
+    from tunemake.models.checkpoint import text_model_name, weight_files
 
-    shapes, files = {}, {}
+    shapes, files, stored_names = {}, {}, {}
     for path in sorted(set(weight_files(folder).values())):
         if path.suffix != ".safetensors":
             raise ValueError(f"model: {path} is not safetensors; quantize reads safetensors checkpoints only")
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
+            for stored in f.keys():
+                name = text_model_name(stored)
+                if name is None:
+                    continue
                 if name in files:
-                    raise ValueError(f"{path}: tensor {name!r} also appears in {files[name]}")
-                shapes[name] = torch.empty(f.get_slice(name).get_shape(), device="meta")
+                    raise ValueError(f"{path}: tensor {stored!r} also appears in {files[name]}")
+                shapes[name] = torch.empty(f.get_slice(stored).get_shape(), device="meta")
                 files[name] = path
-    return shapes, files
+                stored_names[name] = stored
+    return shapes, files, stored_names
 
 
 def _return_freed_memory_to_the_os() -> None:

@@ -33,6 +33,21 @@ TOKENIZER_FILES = (
 )
 # tensors some older checkpoints carry that are recomputed, never learned
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# a multimodal Gemma 3's text model under transformers' names (as saved by transformers >= 4.52, and as first
+# released), and the vision tower and projector, which the text model does not use
+TEXT_MODEL_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                       ("language_model.lm_head.", "lm_head."))
+VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector.")
+
+
+def text_model_name(name: str) -> str | None:
+    """A checkpoint tensor's name in the text model, or None for a vision tensor it does not use."""
+    if name.startswith(VISION_PREFIXES):
+        return None
+    for prefix, ours in TEXT_MODEL_PREFIXES:
+        if name.startswith(prefix):
+            return ours + name[len(prefix):]
+    return name
 
 
 def read_json(path: Path) -> dict:
@@ -80,14 +95,19 @@ def load_state_dict(folder) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
     files = weight_files(folder)
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
+    found = set()
     for path in sorted(set(files.values())):
-        for name, tensor in _read_weight_file(path).items():
+        for stored, tensor in _read_weight_file(path).items():
+            found.add(stored)
+            name = text_model_name(stored)
+            if name is None:
+                continue
             if name in tensors:
-                raise ValueError(f"{path}: tensor {name!r} also appears in {origin[name]}")
+                raise ValueError(f"{path}: tensor {stored!r} also appears in {origin[name]}")
             tensors[name] = tensor
             origin[name] = path
     indexed = {name for name in files if name}
-    for name in sorted(indexed - tensors.keys()):
+    for name in sorted(indexed - found):
         raise ValueError(f"{files[name]}: tensor {name!r} is listed in the shard index but not in the file")
     return tensors, origin
 

@@ -30,9 +30,13 @@ GEMMA_DEFAULTS = {
                     "final_logit_softcapping": None, "sliding_window_pattern": 6, "rope_local_base_freq": 10000.0},
 }
 LAYER_TYPES = ("sliding_attention", "full_attention")
+# Gemma3TextConfig's defaults: a multimodal Gemma 3's config.json keeps only the text_config fields that differ
+GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                        "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "pad_token_id": 0, "eos_token_id": 1,
+                        "bos_token_id": 2}
 # near misses worth a word: what the checkpoint is, and what of it would load
 NOT_SUPPORTED_HINTS = {
-    "gemma3": " (the multimodal Gemma 3, 4B and larger: only Gemma 3 text checkpoints, gemma3_text, load)",
     "phi3small": " (Phi-3-small's blocksparse attention)",
     "phimoe": " (Phi-3.5-MoE's mixture of experts)",
 }
@@ -125,9 +129,16 @@ class ModelArgs:
         if not isinstance(config, dict):
             fail("expected a JSON object")
         model_type = config.get("model_type")
+        if model_type == "gemma3":  # the multimodal Gemma 3 (4B and larger): its text model, without the vision tower
+            text = config.get("text_config")
+            if not isinstance(text, dict):
+                fail("a gemma3 config needs a 'text_config' object (its text model is what loads)")
+            tied = {"tie_word_embeddings": config["tie_word_embeddings"]} if "tie_word_embeddings" in config else {}
+            return cls.from_hf_config({**GEMMA3_TEXT_DEFAULTS, **tied, **text, "model_type": "gemma3_text"}, source)
         if model_type not in SUPPORTED_MODEL_TYPES:
             hint = NOT_SUPPORTED_HINTS.get(model_type, "")
-            fail(f"model_type {model_type!r} is not supported{hint}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+            fail(f"model_type {model_type!r} is not supported{hint}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}, "
+                 "gemma3 (its text model)")
 
         def required_int(key: str) -> int:
             value = config.get(key)
