@@ -345,15 +345,16 @@ def _safetensors_shapes(folder: Path) -> tuple[dict, dict[str, Path], dict[str, 
     import torch
     from safetensors import safe_open
 
-    from tunemake.models.checkpoint import text_model_name, weight_files
+    from tunemake.models.checkpoint import tensor_names, weight_files
 
     shapes, files, stored_names = {}, {}, {}
+    rename = tensor_names(folder)
     for path in sorted(set(weight_files(folder).values())):
         if path.suffix != ".safetensors":
             raise ValueError(f"model: {path} is not safetensors; quantize reads safetensors checkpoints only")
         with safe_open(str(path), framework="pt") as f:
             for stored in f.keys():
-                name = text_model_name(stored)
+                name = rename(stored)
                 if name is None:
                     continue
                 if name in files:

@@ -40,6 +40,16 @@ TEXT_MODEL_PREFIXES = (("model.language_model.", "model."), ("language_model.mod
 VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector.")
 
 
+def tensor_names(folder):
+    """stored name -> the model's name (None: not the model's), for a checkpoint folder: the
+    identity, but for a multimodal Gemma 3, whose text model is what loads."""
+    try:
+        multimodal = read_json(Path(folder) / CONFIG_FILE).get("model_type") == "gemma3"
+    except (FileNotFoundError, ValueError):
+        multimodal = False  # read_config reports it
+    return text_model_name if multimodal else (lambda name: name)
+
+
 def text_model_name(name: str) -> str | None:
     """A checkpoint tensor's name in the text model, or None for a vision tensor it does not use."""
     if name.startswith(VISION_PREFIXES):
@@ -95,11 +105,11 @@ def load_state_dict(folder) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
     files = weight_files(folder)
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
-    found = set()
+    found, rename = set(), tensor_names(folder)
     for path in sorted(set(files.values())):
         for stored, tensor in _read_weight_file(path).items():
             found.add(stored)
-            name = text_model_name(stored)
+            name = rename(stored)
             if name is None:
                 continue
             if name in tensors:
