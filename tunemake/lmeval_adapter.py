@@ -111,7 +111,7 @@ class NativeLM(TemplateLM):
         request is a unit of its own (rolling windows, which share only a one-token context).
         Each unit is restored from the request cache when it is there.
         """
-        tasks = getattr(self, "_request_tasks", None)
+        tasks = self._request_tasks
         tasks = tasks if pack and tasks is not None and len(tasks) == len(requests) else [""] * len(requests)
         units: dict[tuple, set[tuple[int, ...]]] = defaultdict(set)  # (group, context) -> continuations
         placed = []  # per request: (its unit's group and context, its continuation)
@@ -229,9 +229,9 @@ class NativeLM(TemplateLM):
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)
         repeat, seen = [], defaultdict(int)  # lm-eval sends a sampled request once per repeat
         for index, request in enumerate(requests):
-            settings = json.dumps(request.args[1], sort_keys=True, default=str)
-            groups[str(getattr(request, "task_name", "")), settings].append(index)
-            identity = (str(getattr(request, "task_name", "")), _document_order(request), request.args[0], settings)
+            task, settings = str(getattr(request, "task_name", "")), json.dumps(request.args[1], sort_keys=True, default=str)
+            groups[task, settings].append(index)
+            identity = (task, _document_order(request), request.args[0], settings)
             repeat.append(seen[identity])
             seen[identity] += 1
         outputs: list[str | None] = [None] * len(requests)

@@ -124,7 +124,7 @@ def evaluate(params: Params, ctx, model_folder: Path, task_names, task_manager, 
     model = load_model(model_folder, device=device, dtype=dtype)
     tokenizer = load_tokenizer(model_folder)
     model_name = dependency_name(ctx, model_folder)
-    cache = RequestCache(getattr(ctx, "request_cache", None), answer_scope(model_folder, model, device))
+    cache = RequestCache(ctx.request_cache, answer_scope(model_folder, model, device))
     lm = NativeLM(
         model,
         tokenizer,
@@ -212,7 +212,7 @@ def compact_sample(sample: dict) -> dict:
     `resps`, the raw answers, only where a filter changed them (a regex pulling out a number)."""
     compact = {field: sample[field] for field in SAMPLE_FIELDS if field in sample}
     compact.update({metric: sample[metric] for metric in sample.get("metrics", []) if metric in sample})
-    arguments = [list(a.values()) if isinstance(a, dict) else list(a) for a in _argument_list(sample.get("arguments"))]
+    arguments = [list(a) for a in sample.get("arguments") or []]  # simple_evaluate keeps each request's args
     if arguments:
         compact["prompt"] = arguments[0][0]
         if all(len(a) > 1 and isinstance(a[1], str) for a in arguments):
@@ -232,12 +232,6 @@ def as_json(value) -> str:
     from lm_eval.utils import handle_non_serializable
 
     return json.dumps(value, default=handle_non_serializable)
-
-
-def _argument_list(arguments) -> list:
-    if isinstance(arguments, dict):  # lm-eval's logger: {"gen_args_0": {"arg_0": ..., "arg_1": ...}, ...}
-        return list(arguments.values())
-    return list(arguments) if isinstance(arguments, (list, tuple)) else []
 
 
 def sample_order(sample: dict) -> tuple:
